@@ -1,0 +1,263 @@
+// CPU launchers for sparsekern::spmm, spmm_t and sddmm (CSR and BSR, fp32/fp64).
+//
+// Work split: the batch (M) is cut into tiles of T rows. For every tile, all
+// threads first pack the dense operand(s) into the transposed layout (split by
+// feature columns), then each thread runs the kernel over its own chunk of
+// output rows, balanced by nonzero count. Row chunks are the same for every
+// tile, so the SDDMM accumulates each nonzero in one thread, in a fixed order:
+// the result is deterministic. Batch 1 still uses every thread.
+#include <omp.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "tile_kernels.h"
+
+namespace sparsekern {
+namespace cpu {
+namespace {
+
+// Chunk boundaries over rows [0, R) so each chunk has about the same cost
+// (nonzeros plus a per-row overhead); boundaries are rounded up to `align`
+// rows so two threads never write the same output cache line.
+std::vector<int64_t> balance_rows(const int32_t* offs, int64_t R, int nchunks, int64_t align) {
+  std::vector<int64_t> b(nchunks + 1, R);
+  b[0] = 0;
+  const int64_t kRowCost = 4;
+  const int64_t total = static_cast<int64_t>(offs[R]) + R * kRowCost;
+  int64_t r = 0;
+  for (int ch = 1; ch < nchunks; ++ch) {
+    const int64_t target = total * ch / nchunks;
+    while (r < R && static_cast<int64_t>(offs[r]) + r * kRowCost < target) ++r;
+    const int64_t ra = std::min(R, (r + align - 1) / align * align);
+    b[ch] = std::max(b[ch - 1], ra);
+  }
+  return b;
+}
+
+constexpr int64_t kPackCols = 256;  // feature columns per packing work item
+
+template <typename scalar_t, int T>
+void pack_range(const at::Tensor& x, int64_t n0, int64_t nvalid, int64_t cb, scalar_t* xt) {
+  const int64_t K = x.size(1);
+  const int64_t ce = std::min(cb + kPackCols, K);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  if (x.stride(0) == 1 && x.size(0) > 1) {
+    // x is a transposed view: each feature is already a contiguous batch run.
+    const int64_t s1 = x.stride(1);
+    for (int64_t c = cb; c < ce; ++c) {
+      std::memcpy(xt + c * T, xp + c * s1 + n0, nvalid * sizeof(scalar_t));
+      for (int64_t t = nvalid; t < T; ++t) xt[c * T + t] = scalar_t(0);
+    }
+  } else {
+    pack_tile<scalar_t, T>(xp, x.stride(0), x.stride(1), n0, nvalid, cb, ce, xt);
+  }
+}
+
+// y[M, R*bs] = x[M, C*bs] . A^T (+ bias) where A is W (forward) or, with
+// transposed=true, W^T read through t_perm (dX = dY . W).
+template <typename scalar_t, int NV>
+void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& values,
+                 const at::Tensor& offs_t, const at::Tensor& idx_t, const at::Tensor* perm_t,
+                 const c10::optional<at::Tensor>& bias, at::Tensor& y) {
+  constexpr int T = TileConfig<scalar_t, NV>::kTile;
+  const bool transposed = perm_t != nullptr;
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t R = offs_t.numel() - 1;            // (block) rows of A
+  const int64_t C = transposed ? tv.rows : tv.cols;  // (block) columns of A
+  const int32_t* offs = offs_t.data_ptr<int32_t>();
+  const int32_t* idx = idx_t.data_ptr<int32_t>();
+  const int32_t* perm = transposed ? perm_t->data_ptr<int32_t>() : nullptr;
+  const scalar_t* vals = values.data_ptr<scalar_t>();
+  const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const int64_t ldy = y.stride(0);
+  const int nt = std::max(1, at::get_num_threads());
+  const auto bounds = balance_rows(offs, R, nt, tv.bsr ? 1 : 16);
+  at::Tensor xt_t = at::empty({std::max<int64_t>(K, 1) * T}, x.options());
+  scalar_t* xt = xt_t.data_ptr<scalar_t>();
+  const int64_t npack = (K + kPackCols - 1) / kPackCols;
+  bool bad = false;
+#pragma omp parallel num_threads(nt) reduction(|| : bad)
+  {
+    bool my_bad = false;
+    for (int64_t n0 = 0; n0 < M; n0 += T) {
+      const int64_t nvalid = std::min<int64_t>(T, M - n0);
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < npack; ++p) pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt);
+#pragma omp for schedule(static, 1)
+      for (int ch = 0; ch < nt; ++ch) {
+        if (!tv.bsr) {
+          if (transposed)
+            csr_spmm_tile<scalar_t, NV, true>(offs, idx, perm, vals, C, tv.nnz, xt, bounds[ch],
+                                              bounds[ch + 1], yp, ldy, n0, nvalid, bp, &my_bad);
+          else
+            csr_spmm_tile<scalar_t, NV, false>(offs, idx, perm, vals, C, tv.nnz, xt, bounds[ch],
+                                               bounds[ch + 1], yp, ldy, n0, nvalid, bp, &my_bad);
+        } else {
+          if (transposed)
+            bsr_spmm_tile<scalar_t, NV, true, true>(offs, idx, perm, vals, tv.bs, C, tv.nnz, xt,
+                                                    bounds[ch], bounds[ch + 1], yp, ldy, n0,
+                                                    nvalid, bp, &my_bad);
+          else
+            bsr_spmm_tile<scalar_t, NV, false, false>(offs, idx, perm, vals, tv.bs, C, tv.nnz,
+                                                      xt, bounds[ch], bounds[ch + 1], yp, ldy,
+                                                      n0, nvalid, bp, &my_bad);
+        }
+      }
+    }
+    bad = bad || my_bad;
+  }
+  TORCH_CHECK_VALUE(!bad, transposed ? "t_indices or t_perm" : "col_indices",
+                    " has an entry out of range [0, ", transposed ? R : C,
+                    ") (or t_perm >= nnz): the topology is malformed; call validate()");
+}
+
+template <typename scalar_t, int NV>
+void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView& tv,
+                  const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& out) {
+  constexpr int T = TileConfig<scalar_t, NV>::kTile;
+  const int64_t M = x.size(0), K = x.size(1), N = dy.size(1);
+  const int32_t* offs = offs_t.data_ptr<int32_t>();
+  const int32_t* idx = idx_t.data_ptr<int32_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int nt = std::max(1, at::get_num_threads());
+  const auto bounds = balance_rows(offs, tv.rows, nt, 1);
+  at::Tensor xt_t = at::empty({std::max<int64_t>(K, 1) * T}, x.options());
+  at::Tensor dyt_t = at::empty({std::max<int64_t>(N, 1) * T}, x.options());
+  scalar_t* xt = xt_t.data_ptr<scalar_t>();
+  scalar_t* dyt = dyt_t.data_ptr<scalar_t>();
+  const int64_t npx = (K + kPackCols - 1) / kPackCols;
+  const int64_t npy = (N + kPackCols - 1) / kPackCols;
+  bool bad = false;
+#pragma omp parallel num_threads(nt) reduction(|| : bad)
+  {
+    bool my_bad = false;
+    for (int64_t n0 = 0; n0 < M; n0 += T) {
+      const int64_t nvalid = std::min<int64_t>(T, M - n0);
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < npx + npy; ++p) {
+        if (p < npx)
+          pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt);
+        else
+          pack_range<scalar_t, T>(dy, n0, nvalid, (p - npx) * kPackCols, dyt);
+      }
+#pragma omp for schedule(static, 1)
+      for (int ch = 0; ch < nt; ++ch) {
+        if (tv.bsr)
+          bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, tv.cols, dyt, xt, bounds[ch],
+                                       bounds[ch + 1], op, &my_bad);
+        else
+          csr_sddmm_tile<scalar_t, NV>(offs, idx, tv.cols, dyt, xt, bounds[ch], bounds[ch + 1],
+                                       op, &my_bad);
+      }
+    }
+    bad = bad || my_bad;
+  }
+  TORCH_CHECK_VALUE(!bad, "col_indices has an entry out of range [0, ", tv.cols,
+                    "): the topology is malformed; call validate()");
+}
+
+// Small batches use one vector per tile (T = 8 fp32) so batch 1 wastes little.
+template <typename scalar_t, typename F4, typename F1>
+void by_tile_width(int64_t M, F4&& wide, F1&& narrow) {
+  if (M <= TileConfig<scalar_t, 1>::kTile)
+    narrow();
+  else
+    wide();
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ",
+                    t.device());
+}
+
+at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
+                    const at::Tensor& col_indices, const at::Tensor& t_offsets,
+                    const at::Tensor& t_indices, const at::Tensor& t_perm,
+                    const c10::optional<at::Tensor>& bias) {
+  const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
+  check_cpu(values, "values");
+  check_dense(x, values, "x", tv.cols * tv.bs);
+  check_offsets_host(row_offsets, tv.nnz, "row_offsets");
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == tv.rows * tv.bs, "bias must be [",
+                      tv.rows * tv.bs, "], got shape ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "bias has dtype ",
+                     bias->scalar_type(), " but values have dtype ", values.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == values.device(), "bias is on ", bias->device(),
+                      " but values are on ", values.device());
+  }
+  const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
+  at::Tensor y = at::empty({x.size(0), tv.rows * tv.bs}, x.options());
+  if (y.numel() == 0) return y;
+  const auto v = values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_spmm_cpu", [&] {
+    by_tile_width<scalar_t>(
+        x.size(0),
+        [&] { spmm_launch<scalar_t, 4>(x, tv, v, row_offsets, col_indices, nullptr, b, y); },
+        [&] { spmm_launch<scalar_t, 1>(x, tv, v, row_offsets, col_indices, nullptr, b, y); });
+  });
+  return y;
+}
+
+at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values,
+                      const at::Tensor& row_offsets, const at::Tensor& col_indices,
+                      const at::Tensor& t_offsets, const at::Tensor& t_indices,
+                      const at::Tensor& t_perm) {
+  const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
+  check_cpu(values, "values");
+  check_dense(dy, values, "dy", tv.rows * tv.bs);
+  check_offsets_host(t_offsets, tv.nnz, "t_offsets");
+  at::Tensor dx = at::empty({dy.size(0), tv.cols * tv.bs}, dy.options());
+  if (dx.numel() == 0) return dx;
+  const c10::optional<at::Tensor> nobias;
+  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern_spmm_t_cpu", [&] {
+    by_tile_width<scalar_t>(
+        dy.size(0),
+        [&] { spmm_launch<scalar_t, 4>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); },
+        [&] { spmm_launch<scalar_t, 1>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); });
+  });
+  return dx;
+}
+
+at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_offsets,
+                     const at::Tensor& col_indices, const at::Tensor& t_offsets,
+                     const at::Tensor& t_indices, const at::Tensor& t_perm, int64_t block_size) {
+  TORCH_CHECK_VALUE(block_size == 1 || (block_size >= 4 && block_size <= 64 && block_size % 4 == 0),
+                    "block_size must be 1 (CSR) or a multiple of 4 in [4, 64] (BSR), got ",
+                    block_size);
+  // A values-shaped placeholder lets check_topology see the layout.
+  at::Tensor shape_probe =
+      block_size == 1 ? at::empty({col_indices.numel()}, x.options())
+                      : at::empty({col_indices.numel(), block_size, block_size}, x.options());
+  const auto tv = check_topology(shape_probe, row_offsets, col_indices, t_offsets, t_indices, t_perm);
+  check_cpu(x, "x");
+  check_dense(x, shape_probe, "x", tv.cols * tv.bs);
+  check_dense(dy, shape_probe, "dy", tv.rows * tv.bs);
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), "dy has ", dy.size(0), " rows but x has ", x.size(0));
+  check_offsets_host(row_offsets, tv.nnz, "row_offsets");
+  at::Tensor out = at::zeros_like(shape_probe);
+  if (out.numel() == 0 || x.size(0) == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_sddmm_cpu", [&] {
+    by_tile_width<scalar_t>(
+        x.size(0),
+        [&] { sddmm_launch<scalar_t, 4>(dy, x, tv, row_offsets, col_indices, out); },
+        [&] { sddmm_launch<scalar_t, 1>(dy, x, tv, row_offsets, col_indices, out); });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sparsekern
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("spmm", &sparsekern::cpu::spmm_cpu);
+  m.impl("spmm_t", &sparsekern::cpu::spmm_t_cpu);
+  m.impl("sddmm", &sparsekern::cpu::sddmm_cpu);
+}

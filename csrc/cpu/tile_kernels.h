@@ -1,0 +1,242 @@
+// CPU micro-kernels for sparse x dense products in the transposed-activation
+// layout (SparseProp): a batch tile of the dense operand is packed as
+// Xt[C][T] (feature-major, T consecutive batch rows per feature), so every
+// nonzero w(r, c) becomes one broadcast-FMA over a contiguous T-vector
+// Xt[c][:]. The packed tile (C * T * sizeof(scalar) bytes, 512 KiB for
+// C = 4096, fp32) stays in the core's L2 while every row of W streams past it.
+//
+// These kernels only do math. They trust their caller (sparse_matmul_cpu.cpp)
+// to have checked shapes, dtypes and offsets; column/permutation indices are
+// bounds-checked in the inner loop (one predictable compare per nonzero), and
+// a bad index sets *bad and is skipped, so a corrupted structure can never
+// cause an out-of-bounds read.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace sparsekern {
+namespace cpu {
+
+// Tile geometry. NV vectors of 32 bytes per batch tile.
+template <typename scalar_t, int NV>
+struct TileConfig {
+  static constexpr int kVecBytes = 32;
+  static constexpr int kVecWidth = kVecBytes / static_cast<int>(sizeof(scalar_t));
+  static constexpr int kNV = NV;
+  static constexpr int kTile = NV * kVecWidth;  // batch rows per tile
+  static constexpr int kRowGroup = 16;          // output rows transposed per store
+  typedef scalar_t Vec __attribute__((vector_size(kVecBytes), aligned(kVecBytes)));
+  static_assert(NV >= 1 && NV <= 8, "TileConfig: NV (vectors per tile) must be in [1, 8]");
+  static_assert(sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8,
+                "TileConfig: only float32 and float64 are supported");
+};
+
+// Pack rows [n0, n0 + nvalid) of a strided [M, C] matrix into xt[c][T] for
+// c in [c_begin, c_end); batch slots t >= nvalid are zero so the kernels can
+// always run full tiles. Columns go in blocks of 64 so the destination lines
+// (64 * T * sizeof) stay in L1 while the source rows stream.
+template <typename scalar_t, int T>
+inline void pack_tile(const scalar_t* x, int64_t s0, int64_t s1, int64_t n0,
+                      int64_t nvalid, int64_t c_begin, int64_t c_end, scalar_t* xt) {
+  constexpr int64_t kCB = 64;
+  for (int64_t cb = c_begin; cb < c_end; cb += kCB) {
+    const int64_t ce = std::min(cb + kCB, c_end);
+    for (int64_t t = 0; t < nvalid; ++t) {
+      const scalar_t* row = x + (n0 + t) * s0;
+      for (int64_t c = cb; c < ce; ++c) xt[c * T + t] = row[c * s1];
+    }
+    for (int64_t t = nvalid; t < T; ++t)
+      for (int64_t c = cb; c < ce; ++c) xt[c * T + t] = scalar_t(0);
+  }
+}
+
+// Write a [rows][T] buffer transposed into y[n0 + t][r0 + r], t < nvalid.
+template <typename scalar_t, int T>
+inline void store_transposed(const scalar_t* buf, int64_t rows, scalar_t* y,
+                             int64_t ldy, int64_t n0, int64_t nvalid, int64_t r0) {
+  for (int64_t t = 0; t < nvalid; ++t) {
+    scalar_t* yrow = y + (n0 + t) * ldy + r0;
+    for (int64_t r = 0; r < rows; ++r) yrow[r] = buf[r * T + t];
+  }
+}
+
+// CSR rows [r0, r1) of A (values optionally gathered through perm) times the
+// packed tile: y[n0 + t][r] = bias[r] + sum_k vals[p(k)] * xt[idx[k]][t].
+// Forward uses A = W (no perm); dX uses A = W^T (perm into W's values).
+// Two accumulator sets hide the 4-cycle FMA latency (2 x NV independent chains).
+template <typename scalar_t, int NV, bool kPerm>
+void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
+                   const scalar_t* vals, int64_t ncols, int64_t nnz,
+                   const scalar_t* xt, int64_t r0, int64_t r1, scalar_t* y,
+                   int64_t ldy, int64_t n0, int64_t nvalid, const scalar_t* bias,
+                   bool* bad) {
+  using Cfg = TileConfig<scalar_t, NV>;
+  using Vec = typename Cfg::Vec;
+  constexpr int T = Cfg::kTile;
+  constexpr int RG = Cfg::kRowGroup;
+  alignas(64) scalar_t buf[RG * T];
+  const uint64_t uc = static_cast<uint64_t>(ncols), un = static_cast<uint64_t>(nnz);
+  for (int64_t rg = r0; rg < r1; rg += RG) {
+    const int64_t re = std::min<int64_t>(rg + RG, r1);
+    for (int64_t r = rg; r < re; ++r) {
+      Vec a0[NV], a1[NV];
+      for (int v = 0; v < NV; ++v) { a0[v] = Vec{} ; a1[v] = Vec{}; }
+      int64_t k = offs[r];
+      const int64_t kend = offs[r + 1];
+      for (; k + 1 < kend; k += 2) {
+        const uint64_t c0 = static_cast<uint32_t>(idx[k]);
+        const uint64_t c1 = static_cast<uint32_t>(idx[k + 1]);
+        const uint64_t p0 = kPerm ? static_cast<uint32_t>(perm[k]) : k;
+        const uint64_t p1 = kPerm ? static_cast<uint32_t>(perm[k + 1]) : k + 1;
+        if (__builtin_expect(c0 >= uc || c1 >= uc || p0 >= un || p1 >= un, 0)) {
+          *bad = true;
+          continue;
+        }
+        const scalar_t w0 = vals[p0], w1 = vals[p1];
+        const Vec* x0 = reinterpret_cast<const Vec*>(xt + c0 * T);
+        const Vec* x1 = reinterpret_cast<const Vec*>(xt + c1 * T);
+        for (int v = 0; v < NV; ++v) {
+          a0[v] += w0 * x0[v];
+          a1[v] += w1 * x1[v];
+        }
+      }
+      if (k < kend) {
+        const uint64_t c0 = static_cast<uint32_t>(idx[k]);
+        const uint64_t p0 = kPerm ? static_cast<uint32_t>(perm[k]) : k;
+        if (__builtin_expect(c0 >= uc || p0 >= un, 0)) {
+          *bad = true;
+        } else {
+          const scalar_t w0 = vals[p0];
+          const Vec* x0 = reinterpret_cast<const Vec*>(xt + c0 * T);
+          for (int v = 0; v < NV; ++v) a0[v] += w0 * x0[v];
+        }
+      }
+      const scalar_t b = bias ? bias[r] : scalar_t(0);
+      Vec* out = reinterpret_cast<Vec*>(buf + (r - rg) * T);
+      for (int v = 0; v < NV; ++v) out[v] = a0[v] + a1[v] + b;
+    }
+    store_transposed<scalar_t, T>(buf, re - rg, y, ldy, n0, nvalid, rg);
+  }
+}
+
+// BSR block rows [r0, r1) (block size bs, a multiple of 4) times the packed
+// tile. kTransBlock reads each block transposed (for dX through W^T's perm).
+// Four block rows share each loaded x vector: 0.5 loads per FMA instead of 1.
+template <typename scalar_t, int NV, bool kPerm, bool kTransBlock>
+void bsr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
+                   const scalar_t* vals, int64_t bs, int64_t nbcols, int64_t nnzb,
+                   const scalar_t* xt, int64_t r0, int64_t r1, scalar_t* y,
+                   int64_t ldy, int64_t n0, int64_t nvalid, const scalar_t* bias,
+                   bool* bad) {
+  using Cfg = TileConfig<scalar_t, NV>;
+  using Vec = typename Cfg::Vec;
+  constexpr int T = Cfg::kTile;
+  constexpr int RS = 4;  // block rows per register group
+  alignas(64) scalar_t buf[64 * T];  // one block row of output, bs <= 64
+  const uint64_t uc = static_cast<uint64_t>(nbcols), un = static_cast<uint64_t>(nnzb);
+  const int64_t bb = bs * bs;
+  for (int64_t br = r0; br < r1; ++br) {
+    for (int64_t i0 = 0; i0 < bs; i0 += RS) {
+      Vec acc[RS][NV];
+      for (int i = 0; i < RS; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = Vec{};
+      for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
+        const uint64_t bc = static_cast<uint32_t>(idx[k]);
+        const uint64_t p = kPerm ? static_cast<uint32_t>(perm[k]) : k;
+        if (__builtin_expect(bc >= uc || p >= un, 0)) {
+          *bad = true;
+          continue;
+        }
+        const scalar_t* blk = vals + p * bb;
+        const scalar_t* xb = xt + bc * bs * T;
+        for (int64_t c = 0; c < bs; ++c) {
+          const Vec* xv = reinterpret_cast<const Vec*>(xb + c * T);
+          for (int i = 0; i < RS; ++i) {
+            const scalar_t w = kTransBlock ? blk[c * bs + i0 + i] : blk[(i0 + i) * bs + c];
+            for (int v = 0; v < NV; ++v) acc[i][v] += w * xv[v];
+          }
+        }
+      }
+      for (int i = 0; i < RS; ++i) {
+        const scalar_t b = bias ? bias[br * bs + i0 + i] : scalar_t(0);
+        Vec* out = reinterpret_cast<Vec*>(buf + (i0 + i) * T);
+        for (int v = 0; v < NV; ++v) out[v] = acc[i][v] + b;
+      }
+    }
+    store_transposed<scalar_t, T>(buf, bs, y, ldy, n0, nvalid, br * bs);
+  }
+}
+
+template <typename scalar_t, typename Vec, int W>
+inline scalar_t hsum(Vec v) {
+  scalar_t s = v[0];
+  for (int i = 1; i < W; ++i) s += v[i];
+  return s;
+}
+
+// SDDMM over CSR rows [r0, r1) for one tile: out[k] += <dyt[r][:], xt[idx[k]][:]>.
+// The caller sums tiles in order, so the result is deterministic.
+template <typename scalar_t, int NV>
+void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t ncols,
+                    const scalar_t* dyt, const scalar_t* xt, int64_t r0, int64_t r1,
+                    scalar_t* out, bool* bad) {
+  using Cfg = TileConfig<scalar_t, NV>;
+  using Vec = typename Cfg::Vec;
+  constexpr int T = Cfg::kTile;
+  constexpr int W = Cfg::kVecWidth;
+  const uint64_t uc = static_cast<uint64_t>(ncols);
+  for (int64_t r = r0; r < r1; ++r) {
+    Vec d[NV];
+    const Vec* dv = reinterpret_cast<const Vec*>(dyt + r * T);
+    for (int v = 0; v < NV; ++v) d[v] = dv[v];
+    for (int64_t k = offs[r]; k < offs[r + 1]; ++k) {
+      const uint64_t c = static_cast<uint32_t>(idx[k]);
+      if (__builtin_expect(c >= uc, 0)) {
+        *bad = true;
+        continue;
+      }
+      const Vec* xv = reinterpret_cast<const Vec*>(xt + c * T);
+      Vec p = d[0] * xv[0];
+      for (int v = 1; v < NV; ++v) p += d[v] * xv[v];
+      out[k] += hsum<scalar_t, Vec, W>(p);
+    }
+  }
+}
+
+// SDDMM over BSR block rows [r0, r1): out[k][i][j] += <dyt[br*bs+i], xt[bc*bs+j]>.
+template <typename scalar_t, int NV>
+void bsr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t bs, int64_t nbcols,
+                    const scalar_t* dyt, const scalar_t* xt, int64_t r0, int64_t r1,
+                    scalar_t* out, bool* bad) {
+  using Cfg = TileConfig<scalar_t, NV>;
+  using Vec = typename Cfg::Vec;
+  constexpr int T = Cfg::kTile;
+  constexpr int W = Cfg::kVecWidth;
+  const uint64_t uc = static_cast<uint64_t>(nbcols);
+  for (int64_t br = r0; br < r1; ++br) {
+    for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
+      const uint64_t bc = static_cast<uint32_t>(idx[k]);
+      if (__builtin_expect(bc >= uc, 0)) {
+        *bad = true;
+        continue;
+      }
+      scalar_t* o = out + k * bs * bs;
+      for (int64_t i = 0; i < bs; ++i) {
+        const Vec* dv = reinterpret_cast<const Vec*>(dyt + (br * bs + i) * T);
+        Vec d[NV];
+        for (int v = 0; v < NV; ++v) d[v] = dv[v];
+        for (int64_t j = 0; j < bs; ++j) {
+          const Vec* xv = reinterpret_cast<const Vec*>(xt + (bc * bs + j) * T);
+          Vec p = d[0] * xv[0];
+          for (int v = 1; v < NV; ++v) p += d[v] * xv[v];
+          o[i * bs + j] += hsum<scalar_t, Vec, W>(p);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace sparsekern

@@ -1,0 +1,113 @@
+"""``torch.library`` registration of the sparsekern ops.
+
+Layer order (bottom up): kernel (csrc/) -> launcher (csrc/, checks inputs) ->
+op (this file: schema, fake implementation, autograd) -> functional
+(:mod:`sparsekern.ops.dispatch`) -> module (:mod:`sparsekern.nn`).
+
+Ops (namespace ``sparsekern``), for a sparse weight W of shape [R*b, C*b]
+(b = 1 for CSR), see :mod:`sparsekern.formats` for the topology tensors:
+
+* ``spmm(x, values, <topology>, bias)``  -> y  [M, R*b] = x [M, C*b] . W^T + bias
+* ``spmm_t(dy, values, <topology>)``     -> dx [M, C*b] = dy [M, R*b] . W
+* ``sddmm(dy, x, <topology>, block_size)`` -> dW values-shaped: (dy^T x) at W's nonzeros
+
+``<topology>`` is ``row_offsets, col_indices, t_offsets, t_indices, t_perm``.
+Each op's backward uses only these three ops, so no dense weight-sized tensor
+is ever created. Kernels: CPU (C++/OpenMP, float32/float64). No CUDA kernel is
+registered yet.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsekern import _ext
+
+_TOPO = "Tensor row_offsets, Tensor col_indices, Tensor t_offsets, Tensor t_indices, Tensor t_perm"
+SCHEMAS = {
+    "spmm": f"spmm(Tensor x, Tensor values, {_TOPO}, Tensor? bias) -> Tensor",
+    "spmm_t": f"spmm_t(Tensor dy, Tensor values, {_TOPO}) -> Tensor",
+    "sddmm": f"sddmm(Tensor dy, Tensor x, {_TOPO}, int block_size) -> Tensor",
+}
+
+_lib = torch.library.Library("sparsekern", "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+if not _ext.load():
+    # Keep the ops callable for tracing; running them on CPU says how to build.
+    def _not_built(name):
+        def kernel(*args, **kwargs):
+            _ext.raise_not_built(name)
+
+        return kernel
+
+    for _name in SCHEMAS:
+        _lib.impl(_name, _not_built(_name), "CPU")
+
+spmm = torch.ops.sparsekern.spmm.default
+spmm_t = torch.ops.sparsekern.spmm_t.default
+sddmm = torch.ops.sparsekern.sddmm.default
+
+
+def block_size_of(values: torch.Tensor) -> int:
+    """1 for CSR values [nnz], b for BSR values [nnz, b, b]."""
+    return values.shape[-1] if values.dim() == 3 else 1
+
+
+# ---------------------------------------------------------------- fake impls
+@torch.library.register_fake("sparsekern::spmm")
+def _spmm_fake(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias):
+    return x.new_empty(x.shape[0], (row_offsets.shape[0] - 1) * block_size_of(values))
+
+
+@torch.library.register_fake("sparsekern::spmm_t")
+def _spmm_t_fake(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm):
+    return dy.new_empty(dy.shape[0], (t_offsets.shape[0] - 1) * block_size_of(values))
+
+
+@torch.library.register_fake("sparsekern::sddmm")
+def _sddmm_fake(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_size):
+    if block_size == 1:
+        return x.new_empty(col_indices.shape[0])
+    return x.new_empty(col_indices.shape[0], block_size, block_size)
+
+
+# ------------------------------------------------------------------ autograd
+def _save_all(ctx, inputs, output):
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+    # Only spmm has a trailing Tensor? bias; sddmm's 8th input is an int.
+    ctx.has_bias = len(inputs) == 8 and isinstance(inputs[-1], torch.Tensor)
+
+
+def _spmm_backward(ctx, dy):
+    if ctx.has_bias:
+        x, values, *topo, _bias = ctx.saved_tensors
+    else:
+        x, values, *topo = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = spmm_t(dy, values, *topo) if need[0] else None
+    dv = sddmm(dy, x, *topo, block_size_of(values)) if need[1] else None
+    db = dy.sum(0) if ctx.has_bias and need[7] else None
+    return (dx, dv, None, None, None, None, None, db)
+
+
+def _spmm_t_backward(ctx, g):
+    dy, values, *topo = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    d_dy = spmm(g, values, *topo, None) if need[0] else None
+    dv = sddmm(dy, g, *topo, block_size_of(values)) if need[1] else None
+    return (d_dy, dv, None, None, None, None, None)
+
+
+def _sddmm_backward(ctx, g):
+    dy, x, *topo = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = g.contiguous()
+    d_dy = spmm(x, g, *topo, None) if need[0] else None
+    dx = spmm_t(dy, g, *topo) if need[1] else None
+    return (d_dy, dx, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sparsekern::spmm", _spmm_backward, setup_context=_save_all)
+torch.library.register_autograd("sparsekern::spmm_t", _spmm_t_backward, setup_context=_save_all)
+torch.library.register_autograd("sparsekern::sddmm", _sddmm_backward, setup_context=_save_all)

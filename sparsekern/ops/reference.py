@@ -1,0 +1,56 @@
+"""Pure-torch reference implementations of every sparsekern op.
+
+Same signatures as the ``torch.ops.sparsekern`` ops. They gather the nonzeros'
+operands and scatter-add the products (memory O(M * nnz)), so they are slow but
+plainly correct, run on any device and dtype, and are differentiable through
+ordinary torch autograd. They are the test oracle and the explicit
+``backend="reference"``; nothing falls back to them silently.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _rows(offsets: torch.Tensor) -> torch.Tensor:
+    """Row index of every nonzero, [nnz] int64."""
+    counts = (offsets[1:] - offsets[:-1]).long()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)
+
+
+def spmm(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias=None):
+    """y [M, R*b] = x [M, C*b] . W^T (+ bias [R*b])."""
+    M = x.shape[0]
+    R = row_offsets.numel() - 1
+    rows, cols = _rows(row_offsets), col_indices.long()
+    if values.dim() == 1:
+        y = x.new_zeros(M, R).index_add_(1, rows, x[:, cols] * values)
+    else:
+        b = values.shape[-1]
+        xg = x.reshape(M, -1, b)[:, cols, :]                      # [M, nnz, b]
+        contrib = torch.einsum("krc,mkc->mkr", values, xg)        # [M, nnz, b]
+        y = x.new_zeros(M, R, b).index_add_(1, rows, contrib).reshape(M, R * b)
+    return y if bias is None else y + bias
+
+
+def spmm_t(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm):
+    """dx [M, C*b] = dy [M, R*b] . W."""
+    M = dy.shape[0]
+    C = t_offsets.numel() - 1
+    rows, cols = _rows(row_offsets), col_indices.long()
+    if values.dim() == 1:
+        return dy.new_zeros(M, C).index_add_(1, cols, dy[:, rows] * values)
+    b = values.shape[-1]
+    dyg = dy.reshape(M, -1, b)[:, rows, :]                        # [M, nnz, b]
+    contrib = torch.einsum("krc,mkr->mkc", values, dyg)
+    return dy.new_zeros(M, C, b).index_add_(1, cols, contrib).reshape(M, C * b)
+
+
+def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_size):
+    """(dy^T . x) at W's nonzeros: [nnz] (block_size 1) or [nnz, b, b]."""
+    rows, cols = _rows(row_offsets), col_indices.long()
+    if block_size == 1:
+        return (dy[:, rows] * x[:, cols]).sum(0)
+    M, b = x.shape[0], block_size
+    dyg = dy.reshape(M, -1, b)[:, rows, :]
+    xg = x.reshape(M, -1, b)[:, cols, :]
+    return torch.einsum("mkr,mkc->krc", dyg, xg)
