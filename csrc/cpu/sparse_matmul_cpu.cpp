@@ -117,6 +117,41 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
                     ") (or t_perm >= nnz): the topology is malformed; call validate()");
 }
 
+// CSR dX in scatter form, one batch tile per thread (see
+// csr_spmm_t_scatter_tile); used when there are at least 2 tiles per thread.
+template <typename scalar_t, int NV>
+void spmm_t_scatter_launch(const at::Tensor& dy, const TopologyView& tv, const at::Tensor& values,
+                           const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& dx) {
+  constexpr int T = TileConfig<scalar_t, NV>::kTile;
+  const int64_t M = dy.size(0), R = tv.rows, C = tv.cols;
+  const int nt = std::max(1, at::get_num_threads());
+  const int64_t ntiles = (M + T - 1) / T;
+  at::Tensor scratch = at::empty({nt * (R + C) * T}, dy.options());
+  scalar_t* sp = scratch.data_ptr<scalar_t>();
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  const int32_t* offs = offs_t.data_ptr<int32_t>();
+  const int32_t* idx = idx_t.data_ptr<int32_t>();
+  const scalar_t* vals = values.data_ptr<scalar_t>();
+  bool bad = false;
+#pragma omp parallel num_threads(nt) reduction(|| : bad)
+  {
+    bool my_bad = false;
+    scalar_t* dyt = sp + omp_get_thread_num() * (R + C) * T;
+    scalar_t* dxt = dyt + R * T;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t tile = 0; tile < ntiles; ++tile) {
+      const int64_t n0 = tile * T, nvalid = std::min<int64_t>(T, M - n0);
+      for (int64_t cb = 0; cb < R; cb += kPackCols) pack_range<scalar_t, T>(dy, n0, nvalid, cb, dyt);
+      std::fill(dxt, dxt + C * T, scalar_t(0));
+      csr_spmm_t_scatter_tile<scalar_t, NV>(offs, idx, vals, R, C, dyt, dxt, &my_bad);
+      store_transposed<scalar_t, T>(dxt, C, dxp, dx.stride(0), n0, nvalid, 0);
+    }
+    bad = bad || my_bad;
+  }
+  TORCH_CHECK_VALUE(!bad, "col_indices has an entry out of range [0, ", C,
+                    "): the topology is malformed; call validate()");
+}
+
 template <typename scalar_t, int NV>
 void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView& tv,
                   const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& out) {
@@ -219,7 +254,16 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values,
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern_spmm_t_cpu", [&] {
     by_tile_width<scalar_t>(
         dy.size(0),
-        [&] { spmm_launch<scalar_t, 4>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); },
+        [&] {
+          constexpr int T = TileConfig<scalar_t, 4>::kTile;
+          const int64_t ntiles = (dy.size(0) + T - 1) / T;
+          if (!tv.bsr && ntiles >= 2 * at::get_num_threads()) {
+            check_offsets_host(row_offsets, tv.nnz, "row_offsets");
+            spmm_t_scatter_launch<scalar_t, 4>(dy, tv, values, row_offsets, col_indices, dx);
+          } else {
+            spmm_launch<scalar_t, 4>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx);
+          }
+        },
         [&] { spmm_launch<scalar_t, 1>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); });
   });
   return dx;
