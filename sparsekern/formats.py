@@ -90,12 +90,13 @@ def check_structure(shape, block_size, values, row_offsets, col_indices,
     if row_offsets.numel() != R + 1:
         raise ValueError(f"row_offsets has {row_offsets.numel()} entries, expected rows+1={R + 1}")
     if col_indices.numel() != nnz:
-        raise ValueError(f"col_indices has {col_indices.numel()} entries, expected nnz={nnz}")
+        raise ValueError(f"col_indices has {col_indices.numel()} entries, expected nnz={nnz} "
+                         f"(the length of values)")
     ro = row_offsets.long()
     if ro[0].item() != 0:
         raise ValueError(f"row_offsets[0] must be 0, got {ro[0].item()}")
     if ro[-1].item() != nnz:
-        raise ValueError(f"row_offsets[-1] must equal nnz={nnz}, got {ro[-1].item()}")
+        raise ValueError(f"row_offsets[-1]={ro[-1].item()} but values has nnz={nnz} entries; they must agree")
     if R > 0 and bool((ro[1:] < ro[:-1]).any()):
         r = int(torch.nonzero(ro[1:] < ro[:-1])[0]) + 1
         raise ValueError(f"row_offsets must be non-decreasing, but row_offsets[{r}]={ro[r].item()} "
@@ -134,6 +135,9 @@ class SparseTopology(nn.Module):
     def __init__(self, shape, row_offsets, col_indices, values, block_size=1, validate=True):
         super().__init__()
         out_f, in_f = (int(s) for s in shape)
+        # Python ints for the hot path (no tensor reads under torch.compile);
+        # `meta` carries the same numbers in the state_dict.
+        self._shape, self._block_size = (out_f, in_f), int(block_size)
         self.register_buffer("meta", torch.tensor([out_f, in_f, block_size], dtype=torch.int64))
         self.register_buffer("row_offsets", row_offsets)
         self.register_buffer("col_indices", col_indices)
@@ -149,11 +153,11 @@ class SparseTopology(nn.Module):
     @property
     def shape(self) -> tuple[int, int]:
         """(out_features, in_features)."""
-        return int(self.meta[0]), int(self.meta[1])
+        return self._shape
 
     @property
     def block_size(self) -> int:
-        return int(self.meta[2])
+        return self._block_size
 
     @property
     def nnz(self) -> int:
@@ -302,7 +306,8 @@ class CSRTopology(SparseTopology):
     def to_torch_sparse(self) -> torch.Tensor:
         """``torch.sparse_csr`` tensor sharing nothing with this topology."""
         return torch.sparse_csr_tensor(self.row_offsets.clone(), self.col_indices.clone(),
-                                       self.values.detach().clone(), self.shape)
+                                       self.values.detach().clone(), self.shape,
+                                       check_invariants=False)  # validated already
 
 
 class BSRTopology(SparseTopology):
@@ -370,7 +375,8 @@ class BSRTopology(SparseTopology):
     def to_torch_sparse(self) -> torch.Tensor:
         """``torch.sparse_bsr`` tensor sharing nothing with this topology."""
         return torch.sparse_bsr_tensor(self.row_offsets.clone(), self.col_indices.clone(),
-                                       self.values.detach().clone(), self.shape)
+                                       self.values.detach().clone(), self.shape,
+                                       check_invariants=False)  # validated already
 
 
 def random_block_mask(n_rows: int, n_cols: int, density: float, generator=None, device=None):

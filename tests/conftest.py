@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+import sparsekern as sk
+from sparsekern.formats import BSRTopology, CSRTopology
+
+# Tolerances against a float64 masked-dense reference, one row per dtype.
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+def make_topology(out_f, in_f, density, layout="csr", block_size=4, dtype=torch.float64,
+                  empty_rows=(), seed=None):
+    """Random topology with exactly round(density * blocks) nonzero blocks; rows in
+    ``empty_rows`` (block rows for BSR) hold nothing. Values ~ N(0, 1)."""
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(1 << 30, ()).item())
+    b = 1 if layout == "csr" else block_size
+    R, C = out_f // b, in_f // b
+    keep = torch.rand(R, C, generator=g) < density
+    if density >= 1:
+        keep[:] = True
+    for r in empty_rows:
+        keep[r] = False
+    mask = keep.repeat_interleave(b, 0).repeat_interleave(b, 1)
+    dense = torch.randn(out_f, in_f, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "csr":
+        return CSRTopology.from_mask(mask, dense)
+    return BSRTopology.from_mask(mask, b, dense)
+
+
+@pytest.fixture
+def ext_required():
+    assert sk.extension_available(), "the compiled extension must be built for the test suite"
