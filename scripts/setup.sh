@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up sparsekern in the current Python environment.
+#
+# - Uses the torch that is already installed, whatever its version or build
+#   (CPU or CUDA). Only when none is installed does it install the CPU wheel
+#   torch==2.13.0; it never lets pip pull a CUDA torch on a CPU machine
+#   (every later install is constrained to the torch that is present).
+# - Installs the test/benchmark dependencies, then builds the compiled
+#   extension against that torch (no build isolation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+PIP=("$PY" -m pip install --disable-pip-version-check --root-user-action=ignore -q)
+
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: using installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "setup: no torch found; installing the CPU wheel torch==2.13.0"
+  "${PIP[@]}" "torch==2.13.0"
+fi
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+
+"${PIP[@]}" -c "$constraints" -r requirements-dev.txt
+echo "setup: building the sparsekern extension"
+"${PIP[@]}" -c "$constraints" --no-build-isolation -e .
+"$PY" -c "import sparsekern as sk; assert sk.extension_available(), 'extension failed to load'; print('setup: sparsekern', sk.__version__, 'ready, kernels built')"
