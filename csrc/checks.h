@@ -39,6 +39,22 @@ inline void check_offsets_host(const at::Tensor& offs, int64_t nnz, const char* 
   }
 }
 
+// O(n) check that every entry of an int32 index array lies in [0, bound):
+// an unsigned max-reduction the compiler vectorises (~30 us for 1.7M entries),
+// so kernels can run without per-nonzero bounds checks.
+inline void check_indices_below(const at::Tensor& t, int64_t bound, const char* name) {
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>());
+  const int64_t n = t.numel();
+  uint32_t mx = 0;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < n; ++i) mx = p[i] > mx ? p[i] : mx;
+  if (n == 0 || static_cast<int64_t>(mx) < bound) return;
+  int64_t i = 0;
+  while (static_cast<int64_t>(p[i]) < bound) ++i;
+  TORCH_CHECK_VALUE(false, name, "[", i, "]=", static_cast<int32_t>(p[i]), " is out of range [0, ",
+                    bound, "): the topology is malformed; call validate()");
+}
+
 inline TopologyView check_topology(const at::Tensor& values, const at::Tensor& row_offsets,
                                    const at::Tensor& col_indices, const at::Tensor& t_offsets,
                                    const at::Tensor& t_indices, const at::Tensor& t_perm) {

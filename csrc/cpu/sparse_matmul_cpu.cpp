@@ -1,5 +1,9 @@
 // CPU launchers for sparsekern::spmm, spmm_t and sddmm (CSR and BSR, fp32/fp64).
 //
+// Every launcher validates what its kernel will read (shapes, dtypes, devices,
+// monotone offsets, every index in range) before the kernel runs; the kernels
+// then trust the structure (tile_kernels.h).
+//
 // Work split: the batch (M) is cut into tiles of T rows. For every tile, all
 // threads first pack the dense operand(s) into the transposed layout (split by
 // feature columns), then each thread runs the kernel over its own chunk of
@@ -59,7 +63,7 @@ void pack_range(const at::Tensor& x, int64_t n0, int64_t nvalid, int64_t cb, sca
 }
 
 // y[M, R*bs] = x[M, C*bs] . A^T (+ bias) where A is W (forward) or, with
-// transposed=true, W^T read through t_perm (dX = dY . W).
+// perm_t given, W^T read through t_perm (dX = dY . W).
 template <typename scalar_t, int NV>
 void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& values,
                  const at::Tensor& offs_t, const at::Tensor& idx_t, const at::Tensor* perm_t,
@@ -67,8 +71,7 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
   constexpr int T = TileConfig<scalar_t, NV>::kTile;
   const bool transposed = perm_t != nullptr;
   const int64_t M = x.size(0), K = x.size(1);
-  const int64_t R = offs_t.numel() - 1;            // (block) rows of A
-  const int64_t C = transposed ? tv.rows : tv.cols;  // (block) columns of A
+  const int64_t R = offs_t.numel() - 1;  // (block) rows of A
   const int32_t* offs = offs_t.data_ptr<int32_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const int32_t* perm = transposed ? perm_t->data_ptr<int32_t>() : nullptr;
@@ -81,40 +84,26 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
   at::Tensor xt_t = at::empty({std::max<int64_t>(K, 1) * T}, x.options());
   scalar_t* xt = xt_t.data_ptr<scalar_t>();
   const int64_t npack = (K + kPackCols - 1) / kPackCols;
-  bool bad = false;
-#pragma omp parallel num_threads(nt) reduction(|| : bad)
-  {
-    bool my_bad = false;
-    for (int64_t n0 = 0; n0 < M; n0 += T) {
-      const int64_t nvalid = std::min<int64_t>(T, M - n0);
+#pragma omp parallel num_threads(nt)
+  for (int64_t n0 = 0; n0 < M; n0 += T) {
+    const int64_t nvalid = std::min<int64_t>(T, M - n0);
 #pragma omp for schedule(static)
-      for (int64_t p = 0; p < npack; ++p) pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt);
+    for (int64_t p = 0; p < npack; ++p) pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt);
 #pragma omp for schedule(static, 1)
-      for (int ch = 0; ch < nt; ++ch) {
-        if (!tv.bsr) {
-          if (transposed)
-            csr_spmm_tile<scalar_t, NV, true>(offs, idx, perm, vals, C, tv.nnz, xt, bounds[ch],
-                                              bounds[ch + 1], yp, ldy, n0, nvalid, bp, &my_bad);
-          else
-            csr_spmm_tile<scalar_t, NV, false>(offs, idx, perm, vals, C, tv.nnz, xt, bounds[ch],
-                                               bounds[ch + 1], yp, ldy, n0, nvalid, bp, &my_bad);
-        } else {
-          if (transposed)
-            bsr_spmm_tile<scalar_t, NV, true, true>(offs, idx, perm, vals, tv.bs, C, tv.nnz, xt,
-                                                    bounds[ch], bounds[ch + 1], yp, ldy, n0,
-                                                    nvalid, bp, &my_bad);
-          else
-            bsr_spmm_tile<scalar_t, NV, false, false>(offs, idx, perm, vals, tv.bs, C, tv.nnz,
-                                                      xt, bounds[ch], bounds[ch + 1], yp, ldy,
-                                                      n0, nvalid, bp, &my_bad);
-        }
-      }
+    for (int ch = 0; ch < nt; ++ch) {
+      const int64_t r0 = bounds[ch], r1 = bounds[ch + 1];
+      if (!tv.bsr && transposed)
+        csr_spmm_tile<scalar_t, NV, true>(offs, idx, perm, vals, xt, r0, r1, yp, ldy, n0, nvalid, bp);
+      else if (!tv.bsr)
+        csr_spmm_tile<scalar_t, NV, false>(offs, idx, perm, vals, xt, r0, r1, yp, ldy, n0, nvalid, bp);
+      else if (transposed)
+        bsr_spmm_tile<scalar_t, NV, true, true>(offs, idx, perm, vals, tv.bs, xt, r0, r1, yp, ldy,
+                                                n0, nvalid, bp);
+      else
+        bsr_spmm_tile<scalar_t, NV, false, false>(offs, idx, perm, vals, tv.bs, xt, r0, r1, yp,
+                                                  ldy, n0, nvalid, bp);
     }
-    bad = bad || my_bad;
   }
-  TORCH_CHECK_VALUE(!bad, transposed ? "t_indices or t_perm" : "col_indices",
-                    " has an entry out of range [0, ", transposed ? R : C,
-                    ") (or t_perm >= nnz): the topology is malformed; call validate()");
 }
 
 // CSR dX in scatter form, one batch tile per thread (see
@@ -132,10 +121,8 @@ void spmm_t_scatter_launch(const at::Tensor& dy, const TopologyView& tv, const a
   const int32_t* offs = offs_t.data_ptr<int32_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const scalar_t* vals = values.data_ptr<scalar_t>();
-  bool bad = false;
-#pragma omp parallel num_threads(nt) reduction(|| : bad)
+#pragma omp parallel num_threads(nt)
   {
-    bool my_bad = false;
     scalar_t* dyt = sp + omp_get_thread_num() * (R + C) * T;
     scalar_t* dxt = dyt + R * T;
 #pragma omp for schedule(dynamic, 1)
@@ -143,13 +130,10 @@ void spmm_t_scatter_launch(const at::Tensor& dy, const TopologyView& tv, const a
       const int64_t n0 = tile * T, nvalid = std::min<int64_t>(T, M - n0);
       for (int64_t cb = 0; cb < R; cb += kPackCols) pack_range<scalar_t, T>(dy, n0, nvalid, cb, dyt);
       std::fill(dxt, dxt + C * T, scalar_t(0));
-      csr_spmm_t_scatter_tile<scalar_t, NV>(offs, idx, vals, R, C, dyt, dxt, &my_bad);
+      csr_spmm_t_scatter_tile<scalar_t, NV>(offs, idx, vals, R, dyt, dxt);
       store_transposed<scalar_t, T>(dxt, C, dxp, dx.stride(0), n0, nvalid, 0);
     }
-    bad = bad || my_bad;
   }
-  TORCH_CHECK_VALUE(!bad, "col_indices has an entry out of range [0, ", C,
-                    "): the topology is malformed; call validate()");
 }
 
 template <typename scalar_t, int NV>
@@ -168,33 +152,24 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
   scalar_t* dyt = dyt_t.data_ptr<scalar_t>();
   const int64_t npx = (K + kPackCols - 1) / kPackCols;
   const int64_t npy = (N + kPackCols - 1) / kPackCols;
-  bool bad = false;
-#pragma omp parallel num_threads(nt) reduction(|| : bad)
-  {
-    bool my_bad = false;
-    for (int64_t n0 = 0; n0 < M; n0 += T) {
-      const int64_t nvalid = std::min<int64_t>(T, M - n0);
+#pragma omp parallel num_threads(nt)
+  for (int64_t n0 = 0; n0 < M; n0 += T) {
+    const int64_t nvalid = std::min<int64_t>(T, M - n0);
 #pragma omp for schedule(static)
-      for (int64_t p = 0; p < npx + npy; ++p) {
-        if (p < npx)
-          pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt);
-        else
-          pack_range<scalar_t, T>(dy, n0, nvalid, (p - npx) * kPackCols, dyt);
-      }
-#pragma omp for schedule(static, 1)
-      for (int ch = 0; ch < nt; ++ch) {
-        if (tv.bsr)
-          bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, tv.cols, dyt, xt, bounds[ch],
-                                       bounds[ch + 1], op, &my_bad);
-        else
-          csr_sddmm_tile<scalar_t, NV>(offs, idx, tv.cols, dyt, xt, bounds[ch], bounds[ch + 1],
-                                       op, &my_bad);
-      }
+    for (int64_t p = 0; p < npx + npy; ++p) {
+      if (p < npx)
+        pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt);
+      else
+        pack_range<scalar_t, T>(dy, n0, nvalid, (p - npx) * kPackCols, dyt);
     }
-    bad = bad || my_bad;
+#pragma omp for schedule(static, 1)
+    for (int ch = 0; ch < nt; ++ch) {
+      if (tv.bsr)
+        bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, dyt, xt, bounds[ch], bounds[ch + 1], op);
+      else
+        csr_sddmm_tile<scalar_t, NV>(offs, idx, dyt, xt, bounds[ch], bounds[ch + 1], op);
+    }
   }
-  TORCH_CHECK_VALUE(!bad, "col_indices has an entry out of range [0, ", tv.cols,
-                    "): the topology is malformed; call validate()");
 }
 
 // Small batches use one vector per tile (T = 8 fp32) so batch 1 wastes little.
@@ -219,6 +194,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Ten
   check_cpu(values, "values");
   check_dense(x, values, "x", tv.cols * tv.bs);
   check_offsets_host(row_offsets, tv.nnz, "row_offsets");
+  check_indices_below(col_indices, tv.cols, "col_indices");
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == tv.rows * tv.bs, "bias must be [",
                       tv.rows * tv.bs, "], got shape ", bias->sizes());
@@ -230,12 +206,11 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Ten
   const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   at::Tensor y = at::empty({x.size(0), tv.rows * tv.bs}, x.options());
   if (y.numel() == 0) return y;
-  const auto v = values.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_spmm_cpu", [&] {
     by_tile_width<scalar_t>(
         x.size(0),
-        [&] { spmm_launch<scalar_t, 4>(x, tv, v, row_offsets, col_indices, nullptr, b, y); },
-        [&] { spmm_launch<scalar_t, 1>(x, tv, v, row_offsets, col_indices, nullptr, b, y); });
+        [&] { spmm_launch<scalar_t, 4>(x, tv, values, row_offsets, col_indices, nullptr, b, y); },
+        [&] { spmm_launch<scalar_t, 1>(x, tv, values, row_offsets, col_indices, nullptr, b, y); });
   });
   return y;
 }
@@ -247,23 +222,26 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values,
   const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
   check_cpu(values, "values");
   check_dense(dy, values, "dy", tv.rows * tv.bs);
-  check_offsets_host(t_offsets, tv.nnz, "t_offsets");
   at::Tensor dx = at::empty({dy.size(0), tv.cols * tv.bs}, dy.options());
   if (dx.numel() == 0) return dx;
   const c10::optional<at::Tensor> nobias;
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern_spmm_t_cpu", [&] {
+    constexpr int T = TileConfig<scalar_t, 4>::kTile;
+    const int64_t ntiles = (dy.size(0) + T - 1) / T;
+    if (!tv.bsr && ntiles >= 2 * at::get_num_threads()) {
+      // Scatter form reads W's own structure.
+      check_offsets_host(row_offsets, tv.nnz, "row_offsets");
+      check_indices_below(col_indices, tv.cols, "col_indices");
+      spmm_t_scatter_launch<scalar_t, 4>(dy, tv, values, row_offsets, col_indices, dx);
+      return;
+    }
+    // Gather form reads W^T's metadata and W's values through t_perm.
+    check_offsets_host(t_offsets, tv.nnz, "t_offsets");
+    check_indices_below(t_indices, tv.rows, "t_indices");
+    check_indices_below(t_perm, tv.nnz, "t_perm");
     by_tile_width<scalar_t>(
         dy.size(0),
-        [&] {
-          constexpr int T = TileConfig<scalar_t, 4>::kTile;
-          const int64_t ntiles = (dy.size(0) + T - 1) / T;
-          if (!tv.bsr && ntiles >= 2 * at::get_num_threads()) {
-            check_offsets_host(row_offsets, tv.nnz, "row_offsets");
-            spmm_t_scatter_launch<scalar_t, 4>(dy, tv, values, row_offsets, col_indices, dx);
-          } else {
-            spmm_launch<scalar_t, 4>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx);
-          }
-        },
+        [&] { spmm_launch<scalar_t, 4>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); },
         [&] { spmm_launch<scalar_t, 1>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); });
   });
   return dx;
@@ -285,6 +263,7 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   check_dense(dy, shape_probe, "dy", tv.rows * tv.bs);
   TORCH_CHECK_VALUE(dy.size(0) == x.size(0), "dy has ", dy.size(0), " rows but x has ", x.size(0));
   check_offsets_host(row_offsets, tv.nnz, "row_offsets");
+  check_indices_below(col_indices, tv.cols, "col_indices");
   at::Tensor out = at::zeros_like(shape_probe);
   if (out.numel() == 0 || x.size(0) == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_sddmm_cpu", [&] {
