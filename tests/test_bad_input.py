@@ -62,7 +62,7 @@ def test_malformed_csr_never_crashes(name, mutate, exc, fragment, M, ext_require
     else:
         # Large batches compute dX in scatter form from (row_offsets, col_indices)
         # and never read W^T's metadata; then the result must be the true dX.
-        assert name in ("perm out of range", "t_indices out of range"), f"{name}: no error"
+        assert name in ("perm out of range", "t_indices out of range", "t_offsets end"), f"{name}: no error"
         bad = tuple(t.values())
         torch.testing.assert_close(L.spmm_t(dy, v, *bad), L.spmm_t(dy, v, *good))
         with pytest.raises(exc, match=fragment):   # the gather form (batch 1) reads it and refuses
