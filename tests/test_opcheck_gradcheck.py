@@ -7,7 +7,7 @@ from sparsekern.ops import library as L
 
 from conftest import make_topology
 
-LAYOUTS = [("csr", 1), ("bsr", 4)]
+LAYOUTS = [("csr", 1), ("bsr", 4), ("bsr", 8)]
 
 
 def op_args(layout, b, M=6, out_f=16, in_f=12, density=0.4, requires_grad=True):

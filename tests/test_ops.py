@@ -12,7 +12,7 @@ SHAPES = [  # (M, out, in): odd shapes, batch 1, wide/tall, multi-tile batches
     (7, 96, 40), (1, 40, 96), (33, 24, 8), (100, 16, 64), (130, 64, 32),
 ]
 DENSITIES = [0.0, 0.05, 0.3, 1.0]
-LAYOUTS = [("csr", 1), ("bsr", 4), ("bsr", 8)]
+LAYOUTS = [("csr", 1), ("bsr", 4), ("bsr", 8), ("bsr", 16)]
 
 
 def dense_reference(x, topo, bias, dy):

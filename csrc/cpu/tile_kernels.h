@@ -270,5 +270,49 @@ void bsr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t bs, const s
   }
 }
 
+// BSR SDDMM as outer products over the batch, straight from the row-major
+// operands (no packing): block k of W at (br, bc) gets
+//   out[k][i][j] = sum_n dy[n][br*bs + i] * x[n][bc*bs + j].
+// IR rows of the block and JV vectors of columns live in registers, so each
+// loaded x vector feeds IR FMAs (the tile form needs a horizontal reduction
+// per output entry: 2.7x vs 7.9x dense at 4096x4096, batch 256, density 0.1,
+// b = 16).
+// Needs bs to be a multiple of JV * kVecWidth and of IR (4 or 8).
+template <typename scalar_t, int JV, int IR>
+void bsr_sddmm_outer(const int32_t* offs, const int32_t* idx, int64_t bs, const scalar_t* dy,
+                     int64_t ldy, const scalar_t* x, int64_t ldx, int64_t M, int64_t r0,
+                     int64_t r1, scalar_t* out) {
+  constexpr int W = 32 / static_cast<int>(sizeof(scalar_t));
+  typedef scalar_t VecU __attribute__((vector_size(32), aligned(sizeof(scalar_t))));
+  static_assert(JV >= 1 && JV <= 2, "bsr_sddmm_outer: JV must be 1 or 2");
+  static_assert(IR * JV <= 16, "bsr_sddmm_outer: IR x JV accumulators must fit in 16 registers");
+  for (int64_t br = r0; br < r1; ++br) {
+    for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
+      const int64_t bc = static_cast<uint32_t>(idx[k]);
+      scalar_t* o = out + k * bs * bs;
+      for (int64_t j0 = 0; j0 < bs; j0 += JV * W) {
+        for (int64_t i0 = 0; i0 < bs; i0 += IR) {
+          VecU acc[IR][JV];
+          for (int i = 0; i < IR; ++i)
+            for (int v = 0; v < JV; ++v) acc[i][v] = VecU{};
+          const scalar_t* xp = x + bc * bs + j0;
+          const scalar_t* dp = dy + br * bs + i0;
+          for (int64_t n = 0; n < M; ++n) {
+            VecU xv[JV];
+            for (int v = 0; v < JV; ++v) xv[v] = *reinterpret_cast<const VecU*>(xp + n * ldx + v * W);
+            for (int i = 0; i < IR; ++i) {
+              const scalar_t w = dp[n * ldy + i];
+              for (int v = 0; v < JV; ++v) acc[i][v] += w * xv[v];
+            }
+          }
+          for (int i = 0; i < IR; ++i)
+            for (int v = 0; v < JV; ++v)
+              *reinterpret_cast<VecU*>(o + (i0 + i) * bs + j0 + v * W) = acc[i][v];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace sparsekern
