@@ -64,8 +64,8 @@ def test_ops_match_reference_ops(layout, b, ext_required):
 
 @pytest.mark.parametrize("layout,b", LAYOUTS)
 def test_reference_backend_matches_dense(layout, b):
-    topo = make_topology(32, 24, 0.4, layout, b, torch.float64)
-    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    topo = make_topology(32, 48, 0.4, layout, b, torch.float64)
+    x = torch.randn(5, 48, dtype=torch.float64, requires_grad=True)
     y = sk.sparse_linear(x, topo, None, backend="reference")
     dy = torch.randn_like(y)
     y.backward(dy)
