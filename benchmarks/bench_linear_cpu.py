@@ -2,13 +2,14 @@
 
 Times forward, dX, dW and forward+backward of a sparse 4096->4096, 768->3072
 and 1024->1024 layer at batch 256 and 2048, float32, densities 0.5 .. 0.02,
-against dense ``F.linear`` (MKL/oneDNN) and ``torch.sparse`` on a CSR weight
+for the CSR layout and for BSR with 16x16 blocks, against dense ``F.linear``
+(MKL/oneDNN) and ``torch.sparse`` on a CSR weight with the same nonzeros
 (``torch.sparse.mm`` for forward and dX, ``torch.sparse.sampled_addmm`` for
 dW), all in one process with the same thread count. Reports medians and
 ratios, the training-step parameter memory, and writes
 ``benchmarks/results/linear_cpu.{json,md,png}``.
 
-    python benchmarks/bench_linear_cpu.py            # full suite (~10 min on 2 cores)
+    python benchmarks/bench_linear_cpu.py            # full suite (~15 min on 2 cores)
     python benchmarks/bench_linear_cpu.py --quick    # 4096->4096 only, batch 256
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def dense_fns(x, dy, in_f, out_f):
 
 
 def torch_sparse_fns(lin, x, dy):
-    w_csr = lin.weight.to_torch_sparse()
+    w_csr = lin.weight.to_dense().to_sparse_csr()    # same nonzeros, CSR for either layout
     w_t = w_csr.t().to_sparse_csr()          # torch.sparse has no gather-permutation transpose
     pattern = w_csr.detach().clone()
     vals = w_csr.values().clone().requires_grad_()
@@ -99,7 +100,8 @@ def sparsekern_fns(lin, x, dy):
         with torch.no_grad():
             return lin(x)
 
-    return {"fwd": fwd, "dx": lambda: L.spmm_t(dy, v, *topo), "dw": lambda: L.sddmm(dy, x, *topo, 1),
+    b = w.block_size
+    return {"fwd": fwd, "dx": lambda: L.spmm_t(dy, v, *topo), "dw": lambda: L.sddmm(dy, x, *topo, b),
             "fwd+bwd": fwd_bwd}
 
 
@@ -113,6 +115,9 @@ def param_bytes(lin: sk.SparseLinear, dense_numel: int) -> dict:
     return {"sparse_bytes": sparse, "dense_bytes": dense, "ratio": sparse / dense}
 
 
+LAYOUTS = (("csr", None), ("bsr", 16))
+
+
 def run(shapes, batches, densities, reps, threads):
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -122,8 +127,9 @@ def run(shapes, batches, densities, reps, threads):
         torch.manual_seed(0)
         x, dy = torch.randn(batch, in_f), torch.randn(batch, out_f)
         dense = {k: median_ms(f, reps) for k, f in dense_fns(x, dy, in_f, out_f).items()}
-        for d in tqdm(densities, desc=f"{in_f}->{out_f} B={batch}", leave=False):
-            lin = sk.SparseLinear(in_f, out_f, density=d)
+        cases = [(lay, bs, d) for lay, bs in LAYOUTS for d in densities]
+        for layout, bs, d in tqdm(cases, desc=f"{in_f}->{out_f} B={batch}", leave=False):
+            lin = sk.SparseLinear(in_f, out_f, density=d, layout=layout, block_size=bs)
             ours = {k: median_ms(f, reps) for k, f in sparsekern_fns(lin, x, dy).items()}
             ts = {}
             for k, f in torch_sparse_fns(lin, x, dy).items():
@@ -133,6 +139,7 @@ def run(shapes, batches, densities, reps, threads):
                     ts[k] = None
                     ts[k + "_error"] = str(exc).splitlines()[0][:120]
             rows.append({"in": in_f, "out": out_f, "batch": batch, "density": d,
+                         "layout": layout if bs is None else f"{layout}{bs}",
                          "dense_ms": dense, "sparsekern_ms": ours, "torch_sparse_ms": ts,
                          "memory": param_bytes(lin, in_f * out_f)})
     return rows
@@ -150,12 +157,12 @@ def markdown(rows, meta) -> str:
     out = [f"CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
            f"float32, {meta['date']}. Speedup = baseline time / sparsekern time (higher is better); "
            f"medians of {meta['reps']} runs.", "",
-           "| in->out | batch | density | fwd vs dense | dX vs dense | dW vs dense | fwd+bwd vs dense "
+           "| in->out | batch | layout | density | fwd vs dense | dX vs dense | dW vs dense | fwd+bwd vs dense "
            "| ideal | fwd vs torch.sparse | fwd+bwd vs torch.sparse | param memory vs dense |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, o, t = r["dense_ms"], r["sparsekern_ms"], r["torch_sparse_ms"]
-        out.append(f"| {r['in']}->{r['out']} | {r['batch']} | {r['density']} | "
+        out.append(f"| {r['in']}->{r['out']} | {r['batch']} | {r['layout']} | {r['density']} | "
                    + " | ".join(fmt(ratio(d[k], o[k])) for k in KINDS)
                    + f" | {1 / r['density']:.0f}x | {fmt(ratio(t['fwd'], o['fwd']))} | "
                      f"{fmt(ratio(t['fwd+bwd'], o['fwd+bwd']))} | {r['memory']['ratio'] * 100:.0f}% |")
@@ -166,14 +173,16 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, kind in zip(axes, ("fwd", "fwd+bwd")):
-        keys = sorted({(r["in"], r["out"], r["batch"]) for r in rows})
+        keys = sorted({(r["in"], r["out"], r["batch"], r["layout"]) for r in rows})
         for key in keys:
-            rs = sorted((r for r in rows if (r["in"], r["out"], r["batch"]) == key), key=lambda r: r["density"])
+            rs = sorted((r for r in rows if (r["in"], r["out"], r["batch"], r["layout"]) == key),
+                        key=lambda r: r["density"])
             sp = [1 - r["density"] for r in rs]
-            ax.plot(sp, [r["dense_ms"][kind] / r["sparsekern_ms"][kind] for r in rs], marker="o",
-                    label=f"{key[0]}->{key[1]}, batch {key[2]}")
+            ax.plot(sp, [r["dense_ms"][kind] / r["sparsekern_ms"][kind] for r in rs],
+                    marker="o" if key[3] == "csr" else "s", ls="-" if key[3] == "csr" else ":",
+                    label=f"{key[3]} {key[0]}->{key[1]}, batch {key[2]}")
         ideal = sorted({1 - r["density"] for r in rows})
         ax.plot(ideal, [1 / (1 - s) for s in ideal], "k--", label="ideal 1/density")
         ax.axhline(1, color="gray", lw=0.8)
