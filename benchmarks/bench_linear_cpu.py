@@ -9,7 +9,7 @@ dW), all in one process with the same thread count. Reports medians and
 ratios, the training-step parameter memory, and writes
 ``benchmarks/results/linear_cpu.{json,md,png}``.
 
-    python benchmarks/bench_linear_cpu.py            # full suite (~15 min on 2 cores)
+    python benchmarks/bench_linear_cpu.py            # full suite (~15-20 min on 2 cores)
     python benchmarks/bench_linear_cpu.py --quick    # 4096->4096 only, batch 256
 """
 from __future__ import annotations
@@ -45,9 +45,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def median_ms(fn, reps: int, warmup: int = 2, budget_s: float = 6.0) -> float:
+    """Median of ``reps`` timed runs; at least 3 but fewer than ``reps`` when one
+    run is slow (torch.sparse's CSR backward takes seconds at high density)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
         fn()
+    reps = max(3, min(reps, int(budget_s / max(first, 1e-9))))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -156,7 +162,7 @@ def fmt(r):
 def markdown(rows, meta) -> str:
     out = [f"CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
            f"float32, {meta['date']}. Speedup = baseline time / sparsekern time (higher is better); "
-           f"medians of {meta['reps']} runs.", "",
+           f"medians of 3 to {meta['reps']} runs.", "",
            "| in->out | batch | layout | density | fwd vs dense | dX vs dense | dW vs dense | fwd+bwd vs dense "
            "| ideal | fwd vs torch.sparse | fwd+bwd vs torch.sparse | param memory vs dense |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]

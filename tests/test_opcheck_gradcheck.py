@@ -51,3 +51,12 @@ def test_gradcheck_all_ops(layout, b, M, ext_required):
 def test_gradgradcheck_spmm(ext_required):
     x, dy, v, t, bias = op_args("csr", 1, in_f=16)
     assert torch.autograd.gradgradcheck(lambda x, v: L.spmm(x, v, *t, None), (x, v))
+
+
+@pytest.mark.parametrize("layout,b", LAYOUTS)
+def test_opcheck_with_leading_dims(layout, b, ext_required):
+    x, dy, v, t, bias = op_args(layout, b, M=6, in_f=16)
+    x3, dy3 = x.detach().reshape(2, 3, -1).requires_grad_(), dy.detach().reshape(2, 3, -1).requires_grad_()
+    torch.library.opcheck(L.spmm, (x3, v, *t, bias))
+    torch.library.opcheck(L.spmm_t, (dy3, v, *t))
+    torch.library.opcheck(L.sddmm, (dy3, x3, *t, b))

@@ -111,3 +111,22 @@ def test_no_dense_weight_sized_allocation(ext_required):
     assert sizes, "the spy saw no ops"
     big = [s for s in sizes if s[1] >= out_f * in_f]
     assert not big, f"dense weight-sized tensors created: {big}"
+
+
+@pytest.mark.parametrize("layout,b", [("csr", 1), ("bsr", 8)])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5)])
+def test_ops_take_leading_dims(layout, b, lead, ext_required):
+    """x [..., in]: every op flattens the leading dims and restores them."""
+    topo = make_topology(16, 24, 0.4, layout, b, torch.float64)
+    v, t = topo.values.detach(), topo.topology()
+    x, dy = torch.randn(*lead, 24, dtype=torch.float64), torch.randn(*lead, 16, dtype=torch.float64)
+    W = topo.to_dense()
+    y = L.spmm(x, v, *t, None)
+    assert y.shape == (*lead, 16)
+    torch.testing.assert_close(y, x @ W.T)
+    torch.testing.assert_close(L.spmm_t(dy, v, *t), dy @ W)
+    dw = (dy.reshape(-1, 16).T @ x.reshape(-1, 24))
+    torch.testing.assert_close(topo.to_dense(values=L.sddmm(dy, x, *t, b)), dw * topo.mask())
+    torch.testing.assert_close(ref.spmm(x, v, *t, None), y)
+    with pytest.raises(ValueError, match="leading dims"):
+        L.sddmm(dy.reshape(-1, 16)[:1], x.reshape(-1, 24)[:2] if x.dim() > 1 else x[None].repeat(2, 1), *t, b)

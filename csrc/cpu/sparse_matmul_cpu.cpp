@@ -193,13 +193,20 @@ bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, con
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t M = x.size(0), ldy = dy.stride(0), ldx = x.stride(0);
+  // Batch chunks of 256 rows keep the x (256 x in) and dy panels in L2/L3.
+  constexpr int64_t kChunk = 256;
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
   for (int ch = 0; ch < nt; ++ch) {
     const int64_t r0 = bounds[ch], r1 = bounds[ch + 1];
-    if (jv == 2)
-      bsr_sddmm_outer<scalar_t, 2, kIR>(offs, idx, tv.bs, dyp, ldy, xp, ldx, M, r0, r1, op);
-    else
-      bsr_sddmm_outer<scalar_t, 1, kIR>(offs, idx, tv.bs, dyp, ldy, xp, ldx, M, r0, r1, op);
+    for (int64_t n0 = 0; n0 < M; n0 += kChunk) {
+      const int64_t n1 = std::min(n0 + kChunk, M);
+      if (jv == 2)
+        bsr_sddmm_outer<scalar_t, 2, kIR>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, n0 > 0, r0,
+                                          r1, op);
+      else
+        bsr_sddmm_outer<scalar_t, 1, kIR>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, n0 > 0, r0,
+                                          r1, op);
+    }
   }
   return true;
 }
@@ -218,12 +225,25 @@ void check_cpu(const at::Tensor& t, const char* name) {
                     t.device());
 }
 
-at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
+// [..., F] -> [prod(...), F] (a view when possible), and the output shape [..., G].
+at::Tensor flatten_lead(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() >= 1, name, " must have shape [..., features], got a 0-d tensor");
+  return t.reshape({-1, t.size(-1)});
+}
+
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
+  auto s = t.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+at::Tensor spmm_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& row_offsets,
                     const at::Tensor& col_indices, const at::Tensor& t_offsets,
                     const at::Tensor& t_indices, const at::Tensor& t_perm,
                     const c10::optional<at::Tensor>& bias) {
   const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
   check_cpu(values, "values");
+  const at::Tensor x = flatten_lead(x_in, "x");
   check_dense(x, values, "x", tv.cols * tv.bs);
   check_offsets_host(row_offsets, tv.nnz, "row_offsets");
   check_indices_below(col_indices, tv.cols, "col_indices");
@@ -237,25 +257,27 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Ten
   }
   const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   at::Tensor y = at::empty({x.size(0), tv.rows * tv.bs}, x.options());
-  if (y.numel() == 0) return y;
+  if (y.numel() == 0) return y.view(with_last(x_in, tv.rows * tv.bs));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_spmm_cpu", [&] {
     by_tile_width<scalar_t>(
         x.size(0),
         [&] { spmm_launch<scalar_t, 4>(x, tv, values, row_offsets, col_indices, nullptr, b, y); },
         [&] { spmm_launch<scalar_t, 1>(x, tv, values, row_offsets, col_indices, nullptr, b, y); });
   });
-  return y;
+  return y.view(with_last(x_in, tv.rows * tv.bs));
 }
 
-at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values,
+at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
                       const at::Tensor& row_offsets, const at::Tensor& col_indices,
                       const at::Tensor& t_offsets, const at::Tensor& t_indices,
                       const at::Tensor& t_perm) {
   const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
   check_cpu(values, "values");
+  const at::Tensor dy = flatten_lead(dy_in, "dy");
   check_dense(dy, values, "dy", tv.rows * tv.bs);
   at::Tensor dx = at::empty({dy.size(0), tv.cols * tv.bs}, dy.options());
-  if (dx.numel() == 0) return dx;
+  const auto out_shape = with_last(dy_in, tv.cols * tv.bs);
+  if (dx.numel() == 0) return dx.view(out_shape);
   const c10::optional<at::Tensor> nobias;
   AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern_spmm_t_cpu", [&] {
     constexpr int T = TileConfig<scalar_t, 4>::kTile;
@@ -276,16 +298,21 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy, const at::Tensor& values,
         [&] { spmm_launch<scalar_t, 4>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); },
         [&] { spmm_launch<scalar_t, 1>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); });
   });
-  return dx;
+  return dx.view(out_shape);
 }
 
-at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_offsets,
+at::Tensor sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& row_offsets,
                      const at::Tensor& col_indices, const at::Tensor& t_offsets,
                      const at::Tensor& t_indices, const at::Tensor& t_perm, int64_t block_size) {
   TORCH_CHECK_VALUE(block_size == 1 || (block_size >= 4 && block_size <= 64 && block_size % 4 == 0),
                     "block_size must be 1 (CSR) or a multiple of 4 in [4, 64] (BSR), got ",
                     block_size);
   // A values-shaped placeholder lets check_topology see the layout.
+  TORCH_CHECK_VALUE(dy_in.dim() >= 1 && x_in.dim() >= 1 &&
+                        dy_in.sizes().slice(0, dy_in.dim() - 1) == x_in.sizes().slice(0, x_in.dim() - 1),
+                    "dy [..., out] and x [..., in] must share their leading dims, got ",
+                    dy_in.sizes(), " and ", x_in.sizes());
+  const at::Tensor dy = flatten_lead(dy_in, "dy"), x = flatten_lead(x_in, "x");
   at::Tensor shape_probe =
       block_size == 1 ? at::empty({col_indices.numel()}, x.options())
                       : at::empty({col_indices.numel(), block_size, block_size}, x.options());
@@ -293,7 +320,6 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   check_cpu(x, "x");
   check_dense(x, shape_probe, "x", tv.cols * tv.bs);
   check_dense(dy, shape_probe, "dy", tv.rows * tv.bs);
-  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), "dy has ", dy.size(0), " rows but x has ", x.size(0));
   check_offsets_host(row_offsets, tv.nnz, "row_offsets");
   check_indices_below(col_indices, tv.cols, "col_indices");
   at::Tensor out = at::zeros_like(shape_probe);

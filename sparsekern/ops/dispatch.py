@@ -99,6 +99,4 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         if bias.dtype != values.dtype or bias.device != values.device:
             raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {values.dtype} on {values.device}")
     be = select_backend(x, values, backend)
-    lead = x.shape[:-1]
-    y = be.ops.spmm(x.reshape(-1, in_f), values, *weight.topology(), bias)
-    return y.reshape(*lead, out_f)
+    return be.ops.spmm(x, values, *weight.topology(), bias)

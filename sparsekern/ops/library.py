@@ -7,9 +7,10 @@ op (this file: schema, fake implementation, autograd) -> functional
 Ops (namespace ``sparsekern``), for a sparse weight W of shape [R*b, C*b]
 (b = 1 for CSR), see :mod:`sparsekern.formats` for the topology tensors:
 
-* ``spmm(x, values, <topology>, bias)``  -> y  [M, R*b] = x [M, C*b] . W^T + bias
-* ``spmm_t(dy, values, <topology>)``     -> dx [M, C*b] = dy [M, R*b] . W
-* ``sddmm(dy, x, <topology>, block_size)`` -> dW values-shaped: (dy^T x) at W's nonzeros
+* ``spmm(x, values, <topology>, bias)``  -> y  [..., R*b] = x [..., C*b] . W^T + bias
+* ``spmm_t(dy, values, <topology>)``     -> dx [..., C*b] = dy [..., R*b] . W
+* ``sddmm(dy, x, <topology>, block_size)`` -> dW values-shaped: (dy^T x) at W's nonzeros,
+  summed over all leading dims of dy [..., R*b] and x [..., C*b]
 
 ``<topology>`` is ``row_offsets, col_indices, t_offsets, t_indices, t_perm``.
 Each op's backward uses only these three ops, so no dense weight-sized tensor
@@ -57,12 +58,12 @@ def block_size_of(values: torch.Tensor) -> int:
 # ---------------------------------------------------------------- fake impls
 @torch.library.register_fake("sparsekern::spmm")
 def _spmm_fake(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias):
-    return x.new_empty(x.shape[0], (row_offsets.shape[0] - 1) * block_size_of(values))
+    return x.new_empty(*x.shape[:-1], (row_offsets.shape[0] - 1) * block_size_of(values))
 
 
 @torch.library.register_fake("sparsekern::spmm_t")
 def _spmm_t_fake(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm):
-    return dy.new_empty(dy.shape[0], (t_offsets.shape[0] - 1) * block_size_of(values))
+    return dy.new_empty(*dy.shape[:-1], (t_offsets.shape[0] - 1) * block_size_of(values))
 
 
 @torch.library.register_fake("sparsekern::sddmm")
@@ -87,7 +88,7 @@ def _spmm_backward(ctx, dy):
     need = ctx.needs_input_grad
     dx = spmm_t(dy, values, *topo) if need[0] else None
     dv = sddmm(dy, x, *topo, block_size_of(values)) if need[1] else None
-    db = dy.sum(0) if ctx.has_bias and need[7] else None
+    db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and need[7] else None
     return (dx, dv, None, None, None, None, None, db)
 
 
