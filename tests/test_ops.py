@@ -9,7 +9,7 @@ from sparsekern.ops import reference as ref
 from conftest import TOL, make_topology
 
 SHAPES = [  # (M, out, in): odd shapes, batch 1, wide/tall, multi-tile batches
-    (7, 96, 40), (1, 40, 96), (33, 24, 8), (100, 16, 64), (130, 64, 32),
+    (7, 96, 40), (1, 40, 96), (33, 24, 8), (100, 16, 64), (130, 64, 32), (37, 29, 45),
 ]
 DENSITIES = [0.0, 0.05, 0.3, 1.0]
 LAYOUTS = [("csr", 1), ("bsr", 4), ("bsr", 8), ("bsr", 16)]
