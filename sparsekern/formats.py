@@ -32,7 +32,8 @@ BSR_BLOCK_SIZES = (4, 8, 16, 32, 64)
 _INDEX_FIELDS = ("row_offsets", "col_indices", "t_offsets", "t_indices", "t_perm")
 
 
-def _row_ids(offsets: torch.Tensor) -> torch.Tensor:
+def row_ids(offsets: torch.Tensor) -> torch.Tensor:
+    """Row index of every stored entry, int64 [nnz], from offsets [rows + 1]."""
     counts = (offsets[1:] - offsets[:-1]).long()
     return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)
 
@@ -44,7 +45,7 @@ def transpose_metadata(row_offsets: torch.Tensor, col_indices: torch.Tensor, n_c
     Runs with torch ops only (sort, bincount, cumsum), so it stays on the
     structure's device.
     """
-    rows = _row_ids(row_offsets)
+    rows = row_ids(row_offsets)
     perm = torch.sort(col_indices.long(), stable=True).indices
     counts = torch.bincount(col_indices.long(), minlength=n_cols)
     t_offsets = torch.zeros(n_cols + 1, dtype=torch.int32, device=col_indices.device)
@@ -107,7 +108,7 @@ def check_structure(shape, block_size, values, row_offsets, col_indices,
         if bool(bad.any()):
             k = int(torch.nonzero(bad)[0])
             raise ValueError(f"col_indices[{k}]={ci[k].item()} is out of range [0, {C})")
-        same_row = _row_ids(row_offsets)
+        same_row = row_ids(row_offsets)
         step = (ci[1:] <= ci[:-1]) & (same_row[1:] == same_row[:-1])
         if bool(step.any()):
             k = int(torch.nonzero(step)[0]) + 1
@@ -184,7 +185,7 @@ class SparseTopology(nn.Module):
         check_structure(self.shape, self.block_size, self.values, *self.topology())
 
     def _block_coords(self):
-        return _row_ids(self.row_offsets), self.col_indices.long()
+        return row_ids(self.row_offsets), self.col_indices.long()
 
     def mask(self) -> torch.Tensor:
         """Dense bool [out, in] mask of the stored positions (for inspection only)."""
@@ -367,7 +368,7 @@ class BSRTopology(SparseTopology):
         col = t.col_indices().to(torch.int32)
         b = vals.shape[1]
         # Sort blocks by column within each row (torch does not guarantee it).
-        rows = _row_ids(crow)
+        rows = row_ids(crow)
         order = torch.argsort(rows * (t.shape[1] // b + 1) + col.long())
         return cls(tuple(t.shape), crow.contiguous(), col[order].contiguous(),
                    vals[order].detach().clone(), b)

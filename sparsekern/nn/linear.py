@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from sparsekern.formats import BSR_BLOCK_SIZES, BSRTopology, CSRTopology, random_block_mask
+from sparsekern.formats import BSR_BLOCK_SIZES, BSRTopology, CSRTopology, random_block_mask, row_ids
 from sparsekern.ops.dispatch import sparse_linear
 
 LAYOUTS = ("csr", "bsr")
@@ -88,15 +88,12 @@ class SparseLinear(nn.Module):
         """Per-neuron U(-1/sqrt(fan_in), 1/sqrt(fan_in)) over the actual fan-in."""
         bound = 1.0 / self.fan_in().clamp(min=1).double().sqrt()          # [out]
         w = self.weight
+        rows = row_ids(w.row_offsets).to(bound.device)                  # (block) row per value
         if w.layout == "csr":
-            rows = torch.repeat_interleave(torch.arange(self.out_features),
-                                           (w.row_offsets[1:] - w.row_offsets[:-1]).long().cpu())
-            per_value = bound[rows.to(bound.device)]
+            per_value = bound[rows]
         else:
             b = w.block_size
-            brows = torch.repeat_interleave(torch.arange(self.out_features // b),
-                                            (w.row_offsets[1:] - w.row_offsets[:-1]).long().cpu())
-            per_value = bound.reshape(-1, b)[brows.to(bound.device)][:, :, None].expand(-1, b, b)
+            per_value = bound.reshape(-1, b)[rows][:, :, None].expand(-1, b, b)
         u = torch.rand(w.values.shape, generator=generator, dtype=torch.float64)
         w.values.copy_(((2 * u - 1) * per_value.cpu()).to(w.values))
         if self.bias is not None:

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _rows(offsets: torch.Tensor) -> torch.Tensor:
-    """Row index of every nonzero, [nnz] int64."""
-    counts = (offsets[1:] - offsets[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)
+from sparsekern.formats import row_ids
 
 
 def _flat(t):
@@ -26,7 +22,7 @@ def spmm(x_in, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, b
     x = _flat(x_in)
     M = x.shape[0]
     R = row_offsets.numel() - 1
-    rows, cols = _rows(row_offsets), col_indices.long()
+    rows, cols = row_ids(row_offsets), col_indices.long()
     if values.dim() == 1:
         y = x.new_zeros(M, R).index_add_(1, rows, x[:, cols] * values)
     else:
@@ -43,7 +39,7 @@ def spmm_t(dy_in, values, row_offsets, col_indices, t_offsets, t_indices, t_perm
     dy = _flat(dy_in)
     M = dy.shape[0]
     C = t_offsets.numel() - 1
-    rows, cols = _rows(row_offsets), col_indices.long()
+    rows, cols = row_ids(row_offsets), col_indices.long()
     if values.dim() == 1:
         dx = dy.new_zeros(M, C).index_add_(1, cols, dy[:, rows] * values)
     else:
@@ -57,7 +53,7 @@ def spmm_t(dy_in, values, row_offsets, col_indices, t_offsets, t_indices, t_perm
 def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_size):
     """(dy^T . x) at W's nonzeros, summed over leading dims: [nnz] (block_size 1) or [nnz, b, b]."""
     dy, x = _flat(dy), _flat(x)
-    rows, cols = _rows(row_offsets), col_indices.long()
+    rows, cols = row_ids(row_offsets), col_indices.long()
     if block_size == 1:
         return (dy[:, rows] * x[:, cols]).sum(0)
     M, b = x.shape[0], block_size
