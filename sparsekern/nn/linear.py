@@ -1,33 +1,14 @@
 """``SparseLinear``: a drop-in ``nn.Linear`` whose weight is genuinely sparse."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from sparsekern.formats import BSR_BLOCK_SIZES, BSRTopology, CSRTopology, random_block_mask, row_ids
+from sparsekern.nn._common import SparseWeightMixin, block_of, check_layout, magnitude_mask, make_topology
 from sparsekern.ops.dispatch import sparse_linear
 
-LAYOUTS = ("csr", "bsr")
 
-
-def _check_layout(layout, block_size):
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "bsr" and block_size not in BSR_BLOCK_SIZES:
-        raise ValueError(f"layout='bsr' needs block_size in {BSR_BLOCK_SIZES}, got {block_size}")
-    if layout == "csr" and block_size not in (None, 1):
-        raise ValueError(f"layout='csr' takes no block_size, got {block_size}")
-
-
-def _make_topology(mask, layout, block_size, values=None, dtype=None):
-    if layout == "csr":
-        return CSRTopology.from_mask(mask, values, dtype=dtype)
-    return BSRTopology.from_mask(mask, block_size, values, dtype=dtype)
-
-
-class SparseLinear(nn.Module):
+class SparseLinear(SparseWeightMixin, nn.Module):
     """y = x W^T + b with W stored as CSR or BSR; forward and backward touch only nonzeros.
 
     Args:
@@ -54,18 +35,9 @@ class SparseLinear(nn.Module):
                  layout: str = "csr", block_size: int | None = None, device=None, dtype=None, *,
                  backend: str = "auto", generator: torch.Generator | None = None):
         super().__init__()
-        _check_layout(layout, block_size)
         self.in_features, self.out_features, self.backend = int(in_features), int(out_features), backend
-        b = block_size if layout == "bsr" else 1
-        if in_features % b or out_features % b:
-            raise ValueError(f"in_features={in_features} and out_features={out_features} must be "
-                             f"multiples of block_size={b}")
-        dtype = dtype or torch.get_default_dtype()
-        block_mask = random_block_mask(out_features // b, in_features // b, density, generator)
-        mask = block_mask.repeat_interleave(b, 0).repeat_interleave(b, 1)
-        self.weight = _make_topology(mask, layout, block_size, dtype=dtype).to(device)
-        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-        self.reset_parameters(generator)
+        self._init_weight(self.out_features, self.in_features, "(out_features, in_features)", bias,
+                          density, layout, block_size, device, dtype, generator)
 
     @classmethod
     def _wrap(cls, topology, bias, backend="auto"):
@@ -77,29 +49,6 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         return self
 
-    def fan_in(self) -> torch.Tensor:
-        """Actual nonzero fan-in of every output neuron, int64 [out_features]."""
-        w = self.weight
-        per_block_row = (w.row_offsets[1:] - w.row_offsets[:-1]).long() * w.block_size
-        return per_block_row.repeat_interleave(w.block_size)
-
-    @torch.no_grad()
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Per-neuron U(-1/sqrt(fan_in), 1/sqrt(fan_in)) over the actual fan-in."""
-        bound = 1.0 / self.fan_in().clamp(min=1).double().sqrt()          # [out]
-        w = self.weight
-        rows = row_ids(w.row_offsets).to(bound.device)                  # (block) row per value
-        if w.layout == "csr":
-            per_value = bound[rows]
-        else:
-            b = w.block_size
-            per_value = bound.reshape(-1, b)[rows][:, :, None].expand(-1, b, b)
-        u = torch.rand(w.values.shape, generator=generator, dtype=torch.float64)
-        w.values.copy_(((2 * u - 1) * per_value.cpu()).to(w.values))
-        if self.bias is not None:
-            ub = torch.rand(self.out_features, generator=generator, dtype=torch.float64)
-            self.bias.copy_(((2 * ub - 1) * bound.cpu()).to(self.bias))
-
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None, density: float | None = None,
                    layout: str = "csr", block_size: int | None = None, backend: str = "auto"):
@@ -109,23 +58,15 @@ class SparseLinear(nn.Module):
         or for BSR every block containing one) and ``density`` (keep the
         largest-magnitude weights, or blocks by L2 norm for BSR) is given.
         """
-        _check_layout(layout, block_size)
+        check_layout(layout, block_size)
         if (mask is None) == (density is None):
             raise ValueError("give exactly one of mask= or density=")
         w = linear.weight.detach()
         if mask is None:
-            if not 0.0 <= density <= 1.0:
-                raise ValueError(f"density must be in [0, 1], got {density}")
-            b = block_size if layout == "bsr" else 1
-            R, C = w.shape[0] // b, w.shape[1] // b
-            score = w.reshape(R, b, C, b).pow(2).sum((1, 3)).flatten()
-            k = int(round(density * R * C))
-            keep = torch.zeros(R * C, dtype=torch.bool, device=w.device)
-            keep[torch.topk(score, k).indices] = True
-            mask = keep.reshape(R, C).repeat_interleave(b, 0).repeat_interleave(b, 1)
+            mask = magnitude_mask(w, density, block_of(layout, block_size))
         elif mask.shape != w.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(w.shape)}")
-        return cls._wrap(_make_topology(mask.to(w.device), layout, block_size, values=w), linear.bias, backend)
+        return cls._wrap(make_topology(mask.to(w.device), layout, block_size, values=w), linear.bias, backend)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` holding the same function (zeros off the topology)."""
@@ -137,14 +78,6 @@ class SparseLinear(nn.Module):
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
-
-    @property
-    def nnz(self) -> int:
-        return self.weight.nnz
-
-    @property
-    def density(self) -> float:
-        return self.weight.density
 
     def mask(self) -> torch.Tensor:
         """Dense bool [out_features, in_features] (for inspection only)."""

@@ -1,0 +1,128 @@
+"""What ``SparseLinear`` and ``SparseConv2d`` share: layout checks, topology
+construction, magnitude masks, fan-in based initialisation and inspection."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparsekern.formats import BSR_BLOCK_SIZES, BSRTopology, CSRTopology, row_ids
+
+LAYOUTS = ("csr", "bsr")
+
+
+def check_layout(layout, block_size):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "bsr" and block_size not in BSR_BLOCK_SIZES:
+        raise ValueError(f"layout='bsr' needs block_size in {BSR_BLOCK_SIZES}, got {block_size}")
+    if layout == "csr" and block_size not in (None, 1):
+        raise ValueError(f"layout='csr' takes no block_size, got {block_size}")
+
+
+def make_topology(mask, layout, block_size, values=None, dtype=None):
+    """A CSR/BSR topology over the True positions of the bool [out, in] ``mask``."""
+    if layout == "csr":
+        return CSRTopology.from_mask(mask, values, dtype=dtype)
+    return BSRTopology.from_mask(mask, block_size, values, dtype=dtype)
+
+
+def magnitude_mask(w: torch.Tensor, density: float, block_size: int = 1) -> torch.Tensor:
+    """Bool [out, in] keeping the round(density * count) largest weights (or b x b blocks by L2 norm)."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    b = block_size
+    R, C = w.shape[0] // b, w.shape[1] // b
+    score = w.reshape(R, b, C, b).pow(2).sum((1, 3)).flatten()
+    k = int(round(density * R * C))
+    keep = torch.zeros(R * C, dtype=torch.bool, device=w.device)
+    keep[torch.topk(score, k).indices] = True
+    return keep.reshape(R, C).repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+
+class SparseWeightMixin:
+    """For modules holding ``self.weight`` (a topology) and ``self.bias``."""
+
+    def _init_weight(self, rows: int, cols: int, names: str, bias: bool, density: float, layout: str,
+                     block_size, device, dtype, generator) -> None:
+        """A random [rows, cols] topology at ``density``, a bias [rows], then the fan-in init."""
+        check_layout(layout, block_size)
+        b = block_of(layout, block_size)
+        if rows % b or cols % b:
+            raise ValueError(f"{names} = ({rows}, {cols}) must be multiples of block_size={b}")
+        dtype = dtype or torch.get_default_dtype()
+        mask = random_mask(rows, cols, b, density=density, generator=generator)
+        self.weight = make_topology(mask, layout, block_size, dtype=dtype).to(device)
+        self.bias = torch.nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters(generator)
+
+    def fan_in(self) -> torch.Tensor:
+        """Actual nonzero fan-in of every output neuron / channel, int64 [out]."""
+        w = self.weight
+        per_block_row = (w.row_offsets[1:] - w.row_offsets[:-1]).long() * w.block_size
+        return per_block_row.repeat_interleave(w.block_size)
+
+    def _per_value(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Broadcast a float64 [out] per-neuron quantity to the values' shape (on the CPU)."""
+        w = self.weight
+        rows = row_ids(w.row_offsets).cpu()
+        per_row = per_row.cpu()
+        if w.layout == "csr":
+            return per_row[rows]
+        b = w.block_size
+        return per_row.reshape(-1, b)[rows][:, :, None].expand(-1, b, b)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Per-neuron U(-1/sqrt(f), 1/sqrt(f)) with f the actual nonzero fan-in (weights and bias)."""
+        bound = 1.0 / self.fan_in().clamp(min=1).double().sqrt()
+        w = self.weight
+        u = torch.rand(w.values.shape, generator=generator, dtype=torch.float64)
+        w.values.copy_(((2 * u - 1) * self._per_value(bound)).to(w.values))
+        if self.bias is not None:
+            ub = torch.rand(self.bias.shape, generator=generator, dtype=torch.float64)
+            self.bias.copy_(((2 * ub - 1) * bound.cpu()).to(self.bias))
+
+    @torch.no_grad()
+    def init_fanin_normal(self, scale: float = 2.0, generator: torch.Generator | None = None) -> None:
+        """Sparse-aware init (Evci et al., 2020): w ~ N(0, std^2), std = sqrt(scale / f) per neuron.
+
+        ``f`` is each neuron's own nonzero fan-in, so the pre-activation
+        variance is ``scale * Var(input)`` whatever the density (scale=1:
+        unit variance; scale=2: He, for ReLU networks). This is a standard
+        deviation, not a variance. The bias is left as it is.
+        """
+        std = (scale / self.fan_in().clamp(min=1).double()).sqrt()
+        w = self.weight
+        z = torch.randn(w.values.shape, generator=generator, dtype=torch.float64)
+        w.values.copy_((z * self._per_value(std)).to(w.values))
+
+    @property
+    def nnz(self) -> int:
+        """Stored weight elements (nonzero blocks * b * b for BSR)."""
+        return self.weight.nnz
+
+    @property
+    def density(self) -> float:
+        return self.weight.density
+
+
+def block_of(layout, block_size):
+    return block_size if layout == "bsr" else 1
+
+
+def random_mask(rows: int, cols: int, block_size: int = 1, *, density: float | None = None,
+                count: int | None = None, generator=None) -> torch.Tensor:
+    """Bool [rows, cols] of uniformly random b x b blocks: exactly ``count`` blocks,
+    or round(density * blocks)."""
+    b = block_size
+    total = (rows // b) * (cols // b)
+    if count is None:
+        if density is None or not 0.0 <= density <= 1.0 or math.isnan(density):
+            raise ValueError(f"density must be in [0, 1], got {density}")
+        count = int(round(density * total))
+    if not 0 <= count <= total:
+        raise ValueError(f"count must be in [0, {total}], got {count}")
+    flat = torch.zeros(total, dtype=torch.bool)
+    flat[torch.randperm(total, generator=generator)[:count]] = True
+    return flat.reshape(rows // b, cols // b).repeat_interleave(b, 0).repeat_interleave(b, 1)
