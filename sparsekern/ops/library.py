@@ -11,6 +11,13 @@ Ops (namespace ``sparsekern``), for a sparse weight W of shape [R*b, C*b]
 * ``spmm_t(dy, values, <topology>)``     -> dx [..., C*b] = dy [..., R*b] . W
 * ``sddmm(dy, x, <topology>, block_size)`` -> dW values-shaped: (dy^T x) at W's nonzeros,
   summed over all leading dims of dy [..., R*b] and x [..., C*b]
+* ``conv2d(x, values, <topology>, bias, geometry)`` -> y [N, Cout, OH, OW], the
+  cross-correlation of x [N, Cin, H, W] with W [Cout, Cin/groups*kh*kw] (+ bias)
+* ``conv2d_dx(dy, values, <topology>, geometry, input_size)`` -> dx [N, Cin, H, W]
+* ``conv2d_dw(dy, x, <topology>, geometry, block_size)`` -> dW values-shaped
+
+``geometry`` is ``[kh, kw, stride_h, stride_w, pad_top, pad_left, pad_bottom,
+pad_right, dilation_h, dilation_w, groups]`` (see :mod:`sparsekern.ops.conv`).
 
 ``<topology>`` is ``row_offsets, col_indices, t_offsets, t_indices, t_perm``.
 Each op's backward uses only these three ops, so no dense weight-sized tensor
@@ -28,6 +35,9 @@ SCHEMAS = {
     "spmm": f"spmm(Tensor x, Tensor values, {_TOPO}, Tensor? bias) -> Tensor",
     "spmm_t": f"spmm_t(Tensor dy, Tensor values, {_TOPO}) -> Tensor",
     "sddmm": f"sddmm(Tensor dy, Tensor x, {_TOPO}, int block_size) -> Tensor",
+    "conv2d": f"conv2d(Tensor x, Tensor values, {_TOPO}, Tensor? bias, int[] geometry) -> Tensor",
+    "conv2d_dx": f"conv2d_dx(Tensor dy, Tensor values, {_TOPO}, int[] geometry, int[] input_size) -> Tensor",
+    "conv2d_dw": f"conv2d_dw(Tensor dy, Tensor x, {_TOPO}, int[] geometry, int block_size) -> Tensor",
 }
 
 _lib = torch.library.Library("sparsekern", "DEF")
@@ -48,6 +58,9 @@ if not _ext.load():
 spmm = torch.ops.sparsekern.spmm.default
 spmm_t = torch.ops.sparsekern.spmm_t.default
 sddmm = torch.ops.sparsekern.sddmm.default
+conv2d = torch.ops.sparsekern.conv2d.default
+conv2d_dx = torch.ops.sparsekern.conv2d_dx.default
+conv2d_dw = torch.ops.sparsekern.conv2d_dw.default
 
 
 def block_size_of(values: torch.Tensor) -> int:
@@ -71,6 +84,29 @@ def _sddmm_fake(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, b
     if block_size == 1:
         return x.new_empty(col_indices.shape[0])
     return x.new_empty(col_indices.shape[0], block_size, block_size)
+
+
+def conv_output_hw(h, w, geometry):
+    """(OH, OW) of a conv over an h x w input with the op's ``geometry`` list."""
+    kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, _ = geometry
+    return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+
+@torch.library.register_fake("sparsekern::conv2d")
+def _conv2d_fake(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias, geometry):
+    oh, ow = conv_output_hw(x.shape[2], x.shape[3], geometry)
+    return x.new_empty(x.shape[0], (row_offsets.shape[0] - 1) * block_size_of(values), oh, ow)
+
+
+@torch.library.register_fake("sparsekern::conv2d_dx")
+def _conv2d_dx_fake(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry,
+                    input_size):
+    return dy.new_empty(*input_size)
+
+
+@torch.library.register_fake("sparsekern::conv2d_dw")
+def _conv2d_dw_fake(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry, block_size):
+    return _sddmm_fake(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_size)
 
 
 # ------------------------------------------------------------------ autograd
@@ -112,3 +148,49 @@ def _sddmm_backward(ctx, g):
 torch.library.register_autograd("sparsekern::spmm", _spmm_backward, setup_context=_save_all)
 torch.library.register_autograd("sparsekern::spmm_t", _spmm_t_backward, setup_context=_save_all)
 torch.library.register_autograd("sparsekern::sddmm", _sddmm_backward, setup_context=_save_all)
+
+
+# Conv: the same three-op closure. conv2d is linear in x and in values, so
+# dX is conv2d_dx (W^T), dW is conv2d_dw, and their own backwards are conv2d again.
+def _conv_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.has_bias = inputs[7] is not None
+    ctx.extra = inputs[8]
+
+
+def _conv2d_backward(ctx, dy):
+    x, values, *topo = ctx.saved_tensors
+    geometry, need = ctx.extra, ctx.needs_input_grad
+    dy = dy.contiguous()
+    dx = conv2d_dx(dy, values, *topo, geometry, list(x.shape)) if need[0] else None
+    dv = conv2d_dw(dy, x, *topo, geometry, block_size_of(values)) if need[1] else None
+    db = dy.sum((0, 2, 3)) if ctx.has_bias and need[7] else None
+    return (dx, dv, None, None, None, None, None, db, None)
+
+
+def _conv_grad_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:7])
+    ctx.geometry = inputs[7]
+
+
+def _conv2d_dx_backward(ctx, g):
+    dy, values, *topo = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = g.contiguous()
+    d_dy = conv2d(g, values, *topo, None, ctx.geometry) if need[0] else None
+    dv = conv2d_dw(dy, g, *topo, ctx.geometry, block_size_of(values)) if need[1] else None
+    return (d_dy, dv, None, None, None, None, None, None, None)
+
+
+def _conv2d_dw_backward(ctx, g):
+    dy, x, *topo = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = g.contiguous()
+    d_dy = conv2d(x, g, *topo, None, ctx.geometry) if need[0] else None
+    dx = conv2d_dx(dy, g, *topo, ctx.geometry, list(x.shape)) if need[1] else None
+    return (d_dy, dx, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sparsekern::conv2d", _conv2d_backward, setup_context=_conv_setup)
+torch.library.register_autograd("sparsekern::conv2d_dx", _conv2d_dx_backward, setup_context=_conv_grad_setup)
+torch.library.register_autograd("sparsekern::conv2d_dw", _conv2d_dw_backward, setup_context=_conv_grad_setup)

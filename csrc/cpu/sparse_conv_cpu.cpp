@@ -1,0 +1,529 @@
+// CPU launchers for sparsekern::conv2d, conv2d_dx and conv2d_dw (direct sparse
+// convolution, CSR and BSR weights, fp32/fp64; kernels in conv_kernels.h).
+//
+// The weight W is a topology over [Cout, Cin/groups * KH * KW] whose column
+// c = (ci * KH + kh) * KW + kw, as in nn.Conv2d's weight.view(Cout, -1).
+//
+// Buffers (all on the CPU, dtype of values):
+//   phase buffer  [N][sh*sw][Cin][Hs][Ws], Hs = OH + (KH-1)*dh/sh,
+//                 Ws = (KW-1)*dw/sw + read width: the input, zero padded and
+//                 split by stride phase, so that entry (ci, kh, kw) reads the
+//                 contiguous window at ((phase*Cin + ci)*Hs + kh*dh/sh)*Ws + kw*dw/sw.
+//   dy buffer     [N][Cout][H + (KH-1)*dh][(KW-1)*dw + read width] for the
+//                 stride-1 dX gather (a "full" correlation with the flipped kernel).
+// Band origins and widths are chosen so every kernel access stays inside these
+// buffers (see Plan); the launchers check every index they turn into an offset.
+//
+// Work split: output planes (rows of W, or of W^T for dX) are cut into one
+// chunk per thread with about equal nonzeros; each thread walks the images in
+// order, so one image's buffer stays in its L2. dW writes each value's slot
+// from one thread in a fixed order, so it is deterministic. dX for stride > 1
+// scatters, split by image.
+#include <omp.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <vector>
+
+#include "../checks.h"
+#include "conv_kernels.h"
+
+namespace sparsekern {
+namespace cpu {
+namespace {
+
+struct Geom {
+  int64_t kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups;
+};
+
+Geom parse_geom(c10::IntArrayRef g) {
+  TORCH_CHECK_VALUE(g.size() == 11,
+                    "geometry must be [kh, kw, stride_h, stride_w, pad_top, pad_left, "
+                    "pad_bottom, pad_right, dilation_h, dilation_w, groups], got ",
+                    g.size(), " entries");
+  Geom r{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10]};
+  TORCH_CHECK_VALUE(r.kh >= 1 && r.kw >= 1, "kernel size must be >= 1, got ", r.kh, "x", r.kw);
+  TORCH_CHECK_VALUE(r.sh >= 1 && r.sw >= 1, "stride must be >= 1, got ", r.sh, "x", r.sw);
+  TORCH_CHECK_VALUE(r.dh >= 1 && r.dw >= 1, "dilation must be >= 1, got ", r.dh, "x", r.dw);
+  TORCH_CHECK_VALUE(r.pt >= 0 && r.pl >= 0 && r.pb >= 0 && r.pr >= 0,
+                    "padding must be >= 0, got (top, left, bottom, right) = (", r.pt, ", ", r.pl,
+                    ", ", r.pb, ", ", r.pr, ")");
+  TORCH_CHECK_VALUE(r.groups >= 1, "groups must be >= 1, got ", r.groups);
+  return r;
+}
+
+// Everything a launch needs to know about the shapes, checked once.
+struct ConvShape {
+  Geom g;
+  TopologyView tv;
+  int64_t N, Cin, H, W, Cout, OH, OW, cin_g, cout_g, khkw;
+};
+
+ConvShape check_conv(const at::Tensor& values, const at::Tensor& row_offsets,
+                     const at::Tensor& col_indices, const at::Tensor& t_offsets,
+                     const at::Tensor& t_indices, const at::Tensor& t_perm,
+                     c10::IntArrayRef geometry, int64_t N, int64_t Cin, int64_t H, int64_t W) {
+  ConvShape s;
+  s.g = parse_geom(geometry);
+  s.tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
+  TORCH_CHECK_VALUE(values.device().is_cpu(), "values must be a CPU tensor for the CPU kernel, got ",
+                    values.device());
+  const Geom& g = s.g;
+  s.N = N, s.Cin = Cin, s.H = H, s.W = W;
+  s.Cout = s.tv.rows * s.tv.bs;
+  s.khkw = g.kh * g.kw;
+  TORCH_CHECK_VALUE(Cin % g.groups == 0, "input has ", Cin, " channels, not divisible by groups=",
+                    g.groups);
+  TORCH_CHECK_VALUE(s.Cout % g.groups == 0, "the weight has ", s.Cout,
+                    " output channels, not divisible by groups=", g.groups);
+  s.cin_g = Cin / g.groups, s.cout_g = s.Cout / g.groups;
+  TORCH_CHECK_VALUE(s.tv.cols * s.tv.bs == s.cin_g * s.khkw, "input has ", Cin,
+                    " channels but the weight has ", s.tv.cols * s.tv.bs,
+                    " columns; expected in_channels/groups*kh*kw = ", s.cin_g, "*", g.kh, "*",
+                    g.kw, " = ", s.cin_g * s.khkw);
+  const int64_t eh = g.dh * (g.kh - 1) + 1, ew = g.dw * (g.kw - 1) + 1;
+  TORCH_CHECK_VALUE(H + g.pt + g.pb >= eh && W + g.pl + g.pr >= ew, "padded input (",
+                    H + g.pt + g.pb, "x", W + g.pl + g.pr,
+                    ") is smaller than the dilated kernel (", eh, "x", ew, ")");
+  s.OH = (H + g.pt + g.pb - eh) / g.sh + 1;
+  s.OW = (W + g.pl + g.pr - ew) / g.sw + 1;
+  return s;
+}
+
+void check_act(const at::Tensor& t, const at::Tensor& values, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D [N, C, H, W], got shape ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == values.scalar_type(), name, " has dtype ", t.scalar_type(),
+                   " but values have dtype ", values.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == values.device(), name, " is on ", t.device(),
+                    " but values are on ", values.device());
+}
+
+// How an OH x OW output plane is cut into bands of RB rows x NSEG vectors.
+// The last band (and column tile) is shifted back to end at the plane's edge
+// and overlaps the previous one: the gather kernel rewrites equal values there,
+// and dW/scatter skip the rows/columns already done.
+struct Plan {
+  int nseg, rb, vw;
+  int64_t nbands, ntiles, tile_w, read_w;
+  int64_t oh0(int64_t i, int64_t OH) const { return std::min(i * rb, OH - rb); }
+  int row_skip(int64_t i, int64_t OH) const { return static_cast<int>(i * rb - oh0(i, OH)); }
+  int64_t ow0(int64_t t, int64_t OW) const { return ntiles == 1 ? 0 : std::min(t * tile_w, OW - tile_w); }
+};
+
+template <typename scalar_t>
+Plan make_plan(int64_t OH, int64_t OW) {
+  constexpr int W = ConvVec<scalar_t>::W;
+  Plan p;
+  p.vw = W;
+  p.nseg = static_cast<int>(std::min<int64_t>((OW + W - 1) / W, kMaxSeg));
+  p.tile_w = static_cast<int64_t>(p.nseg) * W;
+  p.ntiles = OW <= p.tile_w ? 1 : (OW + p.tile_w - 1) / p.tile_w;
+  p.read_w = p.ntiles == 1 ? p.tile_w : OW;  // columns a band may read past its origin
+  const int64_t rmax = max_band_rows(p.nseg);
+  p.nbands = (OH + rmax - 1) / rmax;
+  p.rb = static_cast<int>((OH + p.nbands - 1) / p.nbands);
+  return p;
+}
+
+// Per-thread ranges of planes [0, P) with about equal entries (plus a per-plane cost).
+std::vector<int64_t> balance(const std::vector<int64_t>& cost_prefix, int nchunks) {
+  const int64_t P = static_cast<int64_t>(cost_prefix.size()) - 1;
+  std::vector<int64_t> b(nchunks + 1, P);
+  b[0] = 0;
+  const int64_t kPlaneCost = 8;
+  const int64_t total = cost_prefix[P] + P * kPlaneCost;
+  int64_t r = 0;
+  for (int ch = 1; ch < nchunks; ++ch) {
+    const int64_t target = total * ch / nchunks;
+    while (r < P && cost_prefix[r] + r * kPlaneCost < target) ++r;
+    b[ch] = std::max(b[ch - 1], r);
+  }
+  return b;
+}
+
+// The entries of every output plane, bucketed by the chunk of source planes
+// they read: bucket (c, p) = [rowptr[c * planes + p], rowptr[c * planes + p + 1]).
+// Running all planes over one chunk before the next keeps the chunk's band
+// windows in L1 while every weight row passes over them (the band window of
+// one 256-channel 14x14 image is ~170 KB, an L2 stream per entry otherwise).
+struct Entries {
+  int64_t planes = 0, nchunks = 1;
+  std::vector<int64_t> rowptr, eoff, vidx;
+  std::vector<int64_t> plane_cost;  // [planes + 1] prefix of entries per plane
+};
+
+// enumerate(f) calls f(plane, chunk, eoff, vidx) once per weight element.
+template <typename Enumerate>
+Entries bucket_entries(int64_t planes, int64_t nchunks, Enumerate&& enumerate) {
+  Entries e;
+  e.planes = planes, e.nchunks = nchunks;
+  e.rowptr.assign(planes * nchunks + 1, 0);
+  enumerate([&](int64_t p, int64_t c, int64_t, int64_t) { ++e.rowptr[c * planes + p + 1]; });
+  e.plane_cost.assign(planes + 1, 0);
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int64_t p = 0; p < planes; ++p) e.plane_cost[p + 1] += e.rowptr[c * planes + p + 1];
+  for (int64_t p = 0; p < planes; ++p) e.plane_cost[p + 1] += e.plane_cost[p];
+  for (size_t i = 1; i < e.rowptr.size(); ++i) e.rowptr[i] += e.rowptr[i - 1];
+  e.eoff.resize(e.rowptr.back());
+  e.vidx.resize(e.rowptr.back());
+  std::vector<int64_t> fill(e.rowptr.begin(), e.rowptr.end() - 1);
+  enumerate([&](int64_t p, int64_t c, int64_t off, int64_t v) {
+    const int64_t j = fill[c * planes + p]++;
+    e.eoff[j] = off;
+    e.vidx[j] = v;
+  });
+  return e;
+}
+
+// Source planes per chunk: enough that a chunk's band windows fill ~16 KB of L1.
+int64_t chunk_planes(int64_t window_bytes, int64_t nplanes) {
+  if (const char* env = std::getenv("SPARSEKERN_CONV_CHUNK")) return std::max<int64_t>(1, std::atoll(env));
+  return std::min(nplanes, std::max<int64_t>(8, (16 << 10) / std::max<int64_t>(window_bytes, 1)));
+}
+
+// Entries of W's element rows (Cout planes): offset of each entry's window
+// into the phase buffer, and its index into the flat values.
+Entries forward_entries(const ConvShape& s, const at::Tensor& row_offsets,
+                        const at::Tensor& col_indices, int64_t Hs, int64_t Ws, int64_t chunk) {
+  const Geom& g = s.g;
+  const int64_t bs = s.tv.bs;
+  const int32_t* ro = row_offsets.data_ptr<int32_t>();
+  const int32_t* ci = col_indices.data_ptr<int32_t>();
+  return bucket_entries(s.Cout, (s.Cin + chunk - 1) / chunk, [&](auto&& f) {
+    for (int64_t co = 0; co < s.Cout; ++co) {
+      const int64_t R = co / bs, r = co % bs, grp = co / s.cout_g;
+      for (int64_t blk = ro[R]; blk < ro[R + 1]; ++blk) {
+        for (int64_t c = 0; c < bs; ++c) {
+          const int64_t col = static_cast<int64_t>(ci[blk]) * bs + c;
+          const int64_t cin = grp * s.cin_g + col / s.khkw, k = col % s.khkw;
+          const int64_t ah = (k / g.kw) * g.dh, aw = (k % g.kw) * g.dw;
+          const int64_t phase = (ah % g.sh) * g.sw + aw % g.sw;
+          f(co, cin / chunk, ((phase * s.Cin + cin) * Hs + ah / g.sh) * Ws + aw / g.sw,
+            (blk * bs + r) * bs + c);
+        }
+      }
+    }
+  });
+}
+
+// Entries of dX's planes (Cin of them) read from W^T's metadata (t_offsets,
+// t_indices, t_perm into the same values); the offsets point into the padded
+// dy buffer [N][Cout][Hs][Ws], chunked by output channel.
+Entries transpose_entries(const ConvShape& s, const at::Tensor& t_offsets,
+                          const at::Tensor& t_indices, const at::Tensor& t_perm, int64_t Hs,
+                          int64_t Ws, int64_t chunk) {
+  const Geom& g = s.g;
+  const int64_t bs = s.tv.bs, kg = s.cin_g * s.khkw;
+  const int32_t* to = t_offsets.data_ptr<int32_t>();
+  const int32_t* ti = t_indices.data_ptr<int32_t>();
+  const int32_t* tp = t_perm.data_ptr<int32_t>();
+  return bucket_entries(s.Cin, (s.Cout + chunk - 1) / chunk, [&](auto&& f) {
+    for (int64_t k = 0; k < kg; ++k) {
+      const int64_t cb = k / bs, i = k % bs, kk = k % s.khkw;
+      const int64_t shift = (g.kh - 1 - kk / g.kw) * g.dh * Ws + (g.kw - 1 - kk % g.kw) * g.dw;
+      for (int64_t jj = to[cb]; jj < to[cb + 1]; ++jj)
+        for (int64_t r = 0; r < bs; ++r) {
+          const int64_t co = static_cast<int64_t>(ti[jj]) * bs + r;
+          f((co / s.cout_g) * s.cin_g + k / s.khkw, co / chunk, co * Hs * Ws + shift,
+            (static_cast<int64_t>(tp[jj]) * bs + r) * bs + i);
+        }
+    }
+  });
+}
+
+int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// dst[n][a*sw + b][c][i][j] = src[n][c][i*sh + a - off_t][j*sw + b - off_l],
+// zero outside src. src may have any strides (NCHW or channels-last).
+template <typename scalar_t>
+void shift_copy(const at::Tensor& src, int64_t sh, int64_t sw, int64_t off_t, int64_t off_l,
+                int64_t Hs, int64_t Ws, scalar_t* dst) {
+  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
+  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
+  const scalar_t* sp = src.data_ptr<scalar_t>();
+  const int64_t P = sh * sw;
+  at::parallel_for(0, N * P * C, 4, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n = q / (P * C), ph = (q / C) % P, c = q % C;
+      const int64_t a = ph / sw, b = ph % sw;
+      scalar_t* d = dst + q * Hs * Ws;
+      const scalar_t* plane = sp + n * s0 + c * s1;
+      // columns j with 0 <= j*sw + b - off_l < W
+      const int64_t jlo = std::min(Ws, std::max<int64_t>(0, -floordiv(b - off_l, sw)));
+      const int64_t jhi = std::max(jlo, std::min(Ws, floordiv(W - 1 - b + off_l, sw) + 1));
+      for (int64_t i = 0; i < Hs; ++i) {
+        scalar_t* drow = d + i * Ws;
+        const int64_t ih = i * sh + a - off_t;
+        if (ih < 0 || ih >= H || jhi <= jlo) {
+          std::fill(drow, drow + Ws, scalar_t(0));
+          continue;
+        }
+        std::fill(drow, drow + jlo, scalar_t(0));
+        const scalar_t* srow = plane + ih * s2 + (jlo * sw + b - off_l) * s3;
+        if (sw == 1 && s3 == 1) {
+          std::memcpy(drow + jlo, srow, (jhi - jlo) * sizeof(scalar_t));
+        } else {
+          for (int64_t j = jlo; j < jhi; ++j) drow[j] = srow[(j - jlo) * sw * s3];
+        }
+        std::fill(drow + jhi, drow + Ws, scalar_t(0));
+      }
+    }
+  });
+}
+
+// Run `kind` over every (image, column tile, band, chunk, output plane). The
+// plane p of image n is out + (n * planes + p) * OH * OW; the buffer image n
+// is buf + n * img.
+template <typename scalar_t>
+void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64_t OH, int64_t OW,
+               const scalar_t* vals, const scalar_t* buf, int64_t img, int64_t Ws,
+               const scalar_t* bias, scalar_t* out, const scalar_t* dy) {
+  const int64_t planes = e.planes;
+  BandFn<scalar_t> fn = kind == BandKind::kGather ? select_band<scalar_t, BandKind::kGather>(pl.nseg, pl.rb)
+                                                  : select_band<scalar_t, BandKind::kDW>(pl.nseg, pl.rb);
+  const int nth = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(planes, 1)));
+  const std::vector<int64_t> bounds = balance(e.plane_cost, nth);
+#pragma omp parallel num_threads(nth)
+  {
+    const int t = omp_get_thread_num();
+    Band<scalar_t> b{};
+    b.eoff = e.eoff.data();
+    b.vidx = e.vidx.data();
+    b.vals = vals;
+    b.ws = Ws;
+    b.ld = OW;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t ct = 0; ct < pl.ntiles; ++ct) {
+        const int64_t ow0 = pl.ow0(ct, OW);
+        b.col_lo = static_cast<int>(ct * pl.tile_w - ow0);
+        b.col_hi = static_cast<int>(std::min(pl.tile_w, OW - ow0));
+        for (int64_t bi = 0; bi < pl.nbands; ++bi) {
+          const int64_t oh0 = pl.oh0(bi, OH);
+          b.row_skip = pl.row_skip(bi, OH);
+          b.buf = buf + n * img + oh0 * Ws + ow0;
+          for (int64_t c = 0; c < e.nchunks; ++c) {
+            b.accumulate = c > 0;
+            for (int64_t p = bounds[t]; p < bounds[t + 1]; ++p) {
+              b.j0 = e.rowptr[c * planes + p];
+              b.j1 = e.rowptr[c * planes + p + 1];
+              if (b.j0 == b.j1 && (c > 0 || kind != BandKind::kGather)) continue;
+              const int64_t plane = (n * planes + p) * OH * OW + oh0 * OW + ow0;
+              if (kind == BandKind::kGather) {
+                b.init = bias ? bias[p] : scalar_t(0);
+                b.out = out + plane;
+              } else {
+                b.out = out;
+                b.dy = dy + plane;
+              }
+              fn(b);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+struct PhaseBuffer {
+  int64_t Hs, Ws, img;
+  at::Tensor t;
+};
+
+// The zero-padded, phase-split copy of x that the forward and dW kernels read.
+// Without x (scatter dX), the buffer is allocated and zeroed with `opts`.
+template <typename scalar_t>
+PhaseBuffer phase_buffer(const ConvShape& s, const Plan& pl, const at::Tensor& x,
+                         const at::TensorOptions& opts) {
+  const Geom& g = s.g;
+  PhaseBuffer pb;
+  pb.Hs = s.OH + ((g.kh - 1) * g.dh) / g.sh;
+  pb.Ws = ((g.kw - 1) * g.dw) / g.sw + pl.read_w;
+  pb.img = g.sh * g.sw * s.Cin * pb.Hs * pb.Ws;
+  if (x.defined()) {
+    pb.t = at::empty({s.N * pb.img}, opts);
+    shift_copy<scalar_t>(x, g.sh, g.sw, g.pt, g.pl, pb.Hs, pb.Ws, pb.t.data_ptr<scalar_t>());
+  } else {
+    pb.t = at::zeros({s.N * pb.img}, opts);
+  }
+  return pb;
+}
+
+// Bytes of one source plane that one band reads (rows x buffer width).
+template <typename scalar_t>
+int64_t window_bytes(const ConvShape& s, const Plan& pl, const PhaseBuffer& pb) {
+  return (pl.rb + ((s.g.kh - 1) * s.g.dh) / s.g.sh) * pb.Ws * s.g.sh * s.g.sw *
+         static_cast<int64_t>(sizeof(scalar_t));
+}
+
+void check_forward_indices(const ConvShape& s, const at::Tensor& row_offsets,
+                           const at::Tensor& col_indices) {
+  check_offsets_host(row_offsets, s.tv.nnz, "row_offsets");
+  check_indices_below(col_indices, s.tv.cols, "col_indices");
+}
+
+at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& row_offsets,
+                      const at::Tensor& col_indices, const at::Tensor& t_offsets,
+                      const at::Tensor& t_indices, const at::Tensor& t_perm,
+                      const c10::optional<at::Tensor>& bias, c10::IntArrayRef geometry) {
+  check_act(x_in, values, "x");
+  const auto s = check_conv(values, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry,
+                            x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3));
+  check_forward_indices(s, row_offsets, col_indices);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.Cout, "bias must be [", s.Cout,
+                      "], got shape ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "bias has dtype ",
+                     bias->scalar_type(), " but values have dtype ", values.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == values.device(), "bias is on ", bias->device(),
+                      " but values are on ", values.device());
+  }
+  at::Tensor y = at::empty({s.N, s.Cout, s.OH, s.OW}, x_in.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparsekern_conv2d_cpu", [&] {
+    const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
+    const auto pb = phase_buffer<scalar_t>(s, pl, x_in, x_in.options());
+    const Entries e = forward_entries(s, row_offsets, col_indices, pb.Hs, pb.Ws,
+                                      chunk_planes(window_bytes<scalar_t>(s, pl, pb), s.Cin));
+    run_bands<scalar_t>(BandKind::kGather, pl, e, s.N, s.OH, s.OW, values.data_ptr<scalar_t>(),
+                        pb.t.data_ptr<scalar_t>(), pb.img, pb.Ws,
+                        b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), nullptr);
+  });
+  return y;
+}
+
+void check_dy(const at::Tensor& dy, const at::Tensor& values, const ConvShape& s) {
+  check_act(dy, values, "dy");
+  TORCH_CHECK_VALUE(dy.size(0) == s.N && dy.size(1) == s.Cout && dy.size(2) == s.OH &&
+                        dy.size(3) == s.OW,
+                    "dy has shape ", dy.sizes(), ", expected the conv output shape [", s.N, ", ",
+                    s.Cout, ", ", s.OH, ", ", s.OW, "]");
+}
+
+at::Tensor conv2d_dx_cpu(const at::Tensor& dy_in, const at::Tensor& values,
+                         const at::Tensor& row_offsets, const at::Tensor& col_indices,
+                         const at::Tensor& t_offsets, const at::Tensor& t_indices,
+                         const at::Tensor& t_perm, c10::IntArrayRef geometry,
+                         c10::IntArrayRef input_size) {
+  TORCH_CHECK_VALUE(input_size.size() == 4, "input_size must be [N, C, H, W], got ", input_size);
+  const auto s = check_conv(values, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry,
+                            input_size[0], input_size[1], input_size[2], input_size[3]);
+  check_dy(dy_in, values, s);
+  const Geom& g = s.g;
+  at::Tensor dx = at::zeros({s.N, s.Cin, s.H, s.W}, dy_in.options());
+  if (dx.numel() == 0 || s.tv.nnz == 0) return dx;
+  const at::Tensor dy = dy_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparsekern_conv2d_dx_cpu", [&] {
+    const scalar_t* vals = values.data_ptr<scalar_t>();
+    if (g.sh == 1 && g.sw == 1) {
+      // Gather: dX = full correlation of dy with the flipped kernel, over W^T.
+      check_offsets_host(t_offsets, s.tv.nnz, "t_offsets");
+      check_indices_below(t_indices, s.tv.rows, "t_indices");
+      check_indices_below(t_perm, s.tv.nnz, "t_perm");
+      const Plan pl = make_plan<scalar_t>(s.H, s.W);
+      const int64_t Hs = s.H + (g.kh - 1) * g.dh, Ws = (g.kw - 1) * g.dw + pl.read_w;
+      at::Tensor buf = at::empty({s.N * s.Cout * Hs * Ws}, dy.options());
+      shift_copy<scalar_t>(dy, 1, 1, (g.kh - 1) * g.dh - g.pt, (g.kw - 1) * g.dw - g.pl, Hs, Ws,
+                           buf.data_ptr<scalar_t>());
+      const int64_t win = (pl.rb + (g.kh - 1) * g.dh) * Ws * static_cast<int64_t>(sizeof(scalar_t));
+      const Entries e = transpose_entries(s, t_offsets, t_indices, t_perm, Hs, Ws, chunk_planes(win, s.Cout));
+      run_bands<scalar_t>(BandKind::kGather, pl, e, s.N, s.H, s.W, vals, buf.data_ptr<scalar_t>(),
+                          s.Cout * Hs * Ws, Ws, nullptr, dx.data_ptr<scalar_t>(), nullptr);
+      return;
+    }
+    // Scatter (stride > 1): the adjoint of the forward gather into a phase
+    // buffer, then un-split. Split by image, so no two threads share a slot.
+    check_forward_indices(s, row_offsets, col_indices);
+    const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
+    const auto pb = phase_buffer<scalar_t>(s, pl, at::Tensor(), dy.options());
+    const Entries e = forward_entries(s, row_offsets, col_indices, pb.Hs, pb.Ws, s.Cin);
+    const BandFn<scalar_t> fn = select_band<scalar_t, BandKind::kScatter>(pl.nseg, pl.rb);
+    scalar_t* sb = pb.t.data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
+      Band<scalar_t> b{};
+      b.eoff = e.eoff.data();
+      b.vidx = e.vidx.data();
+      b.vals = vals;
+      b.ws = pb.Ws;
+      b.ld = s.OW;
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t co = 0; co < s.Cout; ++co) {
+          b.j0 = e.rowptr[co], b.j1 = e.rowptr[co + 1];
+          const int64_t plane = (n * s.Cout + co) * s.OH * s.OW;
+          for (int64_t ct = 0; ct < pl.ntiles; ++ct) {
+            const int64_t ow0 = pl.ow0(ct, s.OW);
+            b.col_lo = static_cast<int>(ct * pl.tile_w - ow0);
+            b.col_hi = static_cast<int>(std::min(pl.tile_w, s.OW - ow0));
+            for (int64_t bi = 0; bi < pl.nbands; ++bi) {
+              const int64_t oh0 = pl.oh0(bi, s.OH);
+              b.row_skip = pl.row_skip(bi, s.OH);
+              b.sbuf = sb + n * pb.img + oh0 * pb.Ws + ow0;
+              b.dy = dyp + plane + oh0 * s.OW + ow0;
+              fn(b);
+            }
+          }
+        }
+    });
+    // dx[n][c][ih][iw] = buf[n][phase][c][i][j] with ih = i*sh + a - pt.
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    at::parallel_for(0, s.N * s.Cin, 4, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t n = q / s.Cin, c = q % s.Cin;
+        for (int64_t ih = 0; ih < s.H; ++ih) {
+          const int64_t i = (ih + g.pt) / g.sh, a = (ih + g.pt) % g.sh;
+          if (i >= pb.Hs) continue;
+          for (int64_t iw = 0; iw < s.W; ++iw) {
+            const int64_t j = (iw + g.pl) / g.sw, bb = (iw + g.pl) % g.sw;
+            if (j >= pb.Ws) continue;
+            dxp[(q * s.H + ih) * s.W + iw] =
+                sb[n * pb.img + (((a * g.sw + bb) * s.Cin + c) * pb.Hs + i) * pb.Ws + j];
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+at::Tensor conv2d_dw_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
+                         const at::Tensor& row_offsets, const at::Tensor& col_indices,
+                         const at::Tensor& t_offsets, const at::Tensor& t_indices,
+                         const at::Tensor& t_perm, c10::IntArrayRef geometry, int64_t block_size) {
+  TORCH_CHECK_VALUE(block_size == 1 || (block_size >= 4 && block_size <= 64 && block_size % 4 == 0),
+                    "block_size must be 1 (CSR) or a multiple of 4 in [4, 64] (BSR), got ", block_size);
+  TORCH_CHECK_VALUE(x_in.dim() == 4, "x must be 4-D [N, C, H, W], got shape ", x_in.sizes());
+  // A values-shaped placeholder lets check_topology see the layout.
+  at::Tensor out = block_size == 1
+                       ? at::zeros({col_indices.numel()}, x_in.options())
+                       : at::zeros({col_indices.numel(), block_size, block_size}, x_in.options());
+  check_act(x_in, out, "x");
+  const auto s = check_conv(out, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry,
+                            x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3));
+  check_dy(dy_in, out, s);
+  check_forward_indices(s, row_offsets, col_indices);
+  if (out.numel() == 0 || s.N == 0) return out;
+  const at::Tensor dy = dy_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sparsekern_conv2d_dw_cpu", [&] {
+    const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
+    const auto pb = phase_buffer<scalar_t>(s, pl, x_in, x_in.options());
+    const Entries e = forward_entries(s, row_offsets, col_indices, pb.Hs, pb.Ws,
+                                      chunk_planes(window_bytes<scalar_t>(s, pl, pb), s.Cin));
+    run_bands<scalar_t>(BandKind::kDW, pl, e, s.N, s.OH, s.OW, nullptr, pb.t.data_ptr<scalar_t>(),
+                        pb.img, pb.Ws, nullptr, out.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace sparsekern
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("conv2d", &sparsekern::cpu::conv2d_cpu);
+  m.impl("conv2d_dx", &sparsekern::cpu::conv2d_dx_cpu);
+  m.impl("conv2d_dw", &sparsekern::cpu::conv2d_dw_cpu);
+}

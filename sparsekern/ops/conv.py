@@ -1,0 +1,113 @@
+"""Functional ``sparse_conv2d``: a 2-D convolution whose weight is a CSR/BSR topology.
+
+The weight W is stored as a topology of shape ``[Cout, Cin/groups * kh * kw]``
+whose column ``(ci * kh + i) * kw + j`` is ``nn.Conv2d``'s ``weight[:, ci, i, j]``,
+so ``W.to_dense().view(Cout, Cin // groups, kh, kw)`` is the dense conv weight.
+
+Which path runs where (see :mod:`sparsekern.ops.dispatch` for the backends):
+
+=============  ========  =============================================================
+backend        device    implementation
+=============  ========  =============================================================
+``cpu``        CPU       direct sparse convolution in C++/OpenMP (no im2col): each
+                         nonzero is one broadcast-FMA over a shifted window of the
+                         zero-padded input; dX reads W^T's metadata, dW is per-nonzero
+``reference``  any       ``F.unfold`` + gather/index_add of the nonzeros (tests)
+=============  ========  =============================================================
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsekern.ops.dispatch import select_backend
+
+
+def _pair(v, name):
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return v
+
+
+def conv_geometry(kernel_size, stride=1, padding=0, dilation=1, groups=1) -> list[int]:
+    """The ops' geometry list ``[kh, kw, sh, sw, pad_top, pad_left, pad_bottom, pad_right, dh, dw, groups]``.
+
+    ``padding`` is an int, a pair, ``"valid"`` or ``"same"`` (stride 1 only;
+    an even total pad puts the extra row/column at the bottom/right, as
+    ``nn.Conv2d`` does).
+    """
+    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), \
+        _pair(dilation, "dilation")
+    if min(kh, kw) < 1 or min(sh, sw) < 1 or min(dh, dw) < 1:
+        raise ValueError(f"kernel_size, stride and dilation must be >= 1, got {(kh, kw)}, {(sh, sw)}, {(dh, dw)}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pt = pl = pb = pr = 0
+        elif padding == "same":
+            if (sh, sw) != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            pt, pl = th // 2, tw // 2
+            pb, pr = th - pt, tw - pl
+        else:
+            raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+    else:
+        ph, pw = _pair(padding, "padding")
+        if min(ph, pw) < 0:
+            raise ValueError(f"padding must be >= 0, got {(ph, pw)}")
+        pt, pl, pb, pr = ph, pw, ph, pw
+    return [kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups]
+
+
+def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+                  geometry: list[int] | None = None, backend: str = "auto") -> torch.Tensor:
+    """Cross-correlation of x with a sparse weight, computed on the nonzeros only.
+
+    Args:
+        x: float [N, Cin, H, W] (or unbatched [Cin, H, W]), NCHW or channels-last,
+            same dtype and device as ``weight.values``.
+        weight: a ``CSRTopology``/``BSRTopology`` of shape [Cout, Cin/groups * kh * kw].
+        bias: optional float [Cout].
+        geometry: from :func:`conv_geometry`.
+        backend: "auto", "cpu" or "reference".
+
+    Returns:
+        float [N, Cout, OH, OW] (unbatched in, unbatched out), in x's memory
+        format (channels-last in, channels-last out).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    values = weight.values
+    cout, k_cols = weight.shape
+    kh, kw, groups = geometry[0], geometry[1], geometry[10]
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
+    cin = x.shape[1]
+    if cin % groups or cin // groups * kh * kw != k_cols:
+        raise ValueError(f"x has {cin} channels; this conv expects in_channels = "
+                         f"{k_cols // (kh * kw) * groups} (groups={groups}, kernel {kh}x{kw})")
+    if x.dtype != values.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the weight's values are {values.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {values.device}")
+    from sparsekern.ops.library import conv_output_hw
+    oh, ow = conv_output_hw(x.shape[2], x.shape[3], geometry)
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input {tuple(x.shape[2:])} is smaller than the (dilated, padded) kernel: "
+                         f"output would be {oh}x{ow}")
+    if bias is not None and (bias.shape != (cout,) or bias.dtype != values.dtype):
+        raise ValueError(f"bias must be [{cout}] of dtype {values.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous()
+    be = select_backend(x, values, backend)
+    y = be.ops.conv2d(x, values, *weight.topology(), bias, list(geometry))
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y.squeeze(0) if unbatched else y
