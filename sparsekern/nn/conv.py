@@ -1,0 +1,134 @@
+"""``SparseConv2d``: a drop-in ``nn.Conv2d`` whose weight is genuinely sparse."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsekern.nn._common import SparseWeightMixin, block_of, check_layout, magnitude_mask, make_topology
+from sparsekern.ops.conv import _pair, conv_geometry, sparse_conv2d
+
+
+class SparseConv2d(SparseWeightMixin, nn.Module):
+    """2-D convolution with its weight stored as CSR or BSR; forward and backward touch only nonzeros.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+        groups, bias: as ``nn.Conv2d`` (``padding`` may be an int, a pair,
+            ``"same"`` or ``"valid"``; only ``padding_mode="zeros"``).
+        density: fraction of weights (CSR) or blocks (BSR) kept, in [0, 1];
+            exactly round(density * total), uniformly random.
+        layout: "csr" (unstructured) or "bsr" (square blocks).
+        block_size: BSR block size in {4, 8, 16, 32, 64}; must divide
+            out_channels and in_channels/groups * kh * kw.
+        device, dtype: of the values and bias (float32/float64 run on the CPU kernels).
+        backend: "auto", "cpu" or "reference" (see :mod:`sparsekern.ops.dispatch`).
+        generator: optional ``torch.Generator`` for the topology and the init.
+
+    Shapes: input float [N, in_channels, H, W] or [in_channels, H, W], NCHW or
+    channels-last -> output float [N, out_channels, OH, OW] in the same memory format.
+
+    The weight is a topology over [out_channels, in_channels/groups * kh * kw]
+    (columns in ``nn.Conv2d``'s ``weight.view(out, -1)`` order). Parameters are
+    ``weight.values`` and ``bias``. Initialisation: per-output-channel
+    U(-1/sqrt(f), 1/sqrt(f)), f the channel's actual nonzero fan-in.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 density: float = 0.1, layout: str = "csr", block_size: int | None = None,
+                 device=None, dtype=None, *, backend: str = "auto",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                           padding_mode)
+        self.backend = backend
+        self._init_weight(*self.weight_shape_2d, "(out_channels, in_channels/groups*kh*kw)", bias,
+                          density, layout, block_size, device, dtype, generator)
+
+    def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                      padding_mode):
+        if padding_mode != "zeros":
+            raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be "
+                             f"divisible by groups={groups}")
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size, "kernel_size"), \
+            _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        self.padding_mode = padding_mode
+        self.geometry = conv_geometry(self.kernel_size, self.stride, self.padding, self.dilation, groups)
+
+    @property
+    def weight_shape_2d(self) -> tuple[int, int]:
+        """(out_channels, in_channels/groups * kh * kw): the topology's shape."""
+        kh, kw = self.kernel_size
+        return self.out_channels, self.in_channels // self.groups * kh * kw
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        """``nn.Conv2d``'s weight shape [out, in/groups, kh, kw]."""
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, density: float | None = None,
+                   layout: str = "csr", block_size: int | None = None, backend: str = "auto"):
+        """Sparse copy of ``conv`` (same geometry, weights and bias).
+
+        Exactly one of ``mask`` (bool [out, in/groups, kh, kw] or its 2-D view
+        [out, in/groups*kh*kw]: keep exactly its True positions, or for BSR
+        every block containing one) and ``density`` (keep the largest-magnitude
+        weights, or blocks by L2 norm for BSR) is given.
+        """
+        check_layout(layout, block_size)
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if (mask is None) == (density is None):
+            raise ValueError("give exactly one of mask= or density=")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._set_geometry(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                           conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        self.backend = backend
+        w = conv.weight.detach().reshape(self.weight_shape_2d)
+        if mask is None:
+            mask = magnitude_mask(w, density, block_of(layout, block_size))
+        else:
+            if tuple(mask.shape) not in (tuple(conv.weight.shape), self.weight_shape_2d):
+                raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(conv.weight.shape)} "
+                                 f"or {self.weight_shape_2d}")
+            mask = mask.reshape(self.weight_shape_2d)
+        self.weight = make_topology(mask.to(w.device), layout, block_size, values=w)
+        self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
+        return self
+
+    def to_dense(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` holding the same function (zeros off the topology)."""
+        v = self.weight.values
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, self.groups, bias=self.bias is not None,
+                         device=v.device, dtype=v.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight.to_dense().reshape(self.weight_shape))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def mask(self) -> torch.Tensor:
+        """Dense bool [out, in/groups, kh, kw] (for inspection only)."""
+        return self.weight.mask().reshape(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(x, self.weight, self.bias, self.geometry, self.backend)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        bs = f", block_size={self.weight.block_size}" if self.weight.layout == "bsr" else ""
+        return s + f", layout={self.weight.layout}{bs}, density={self.density:.4f}, nnz={self.nnz}"
