@@ -138,3 +138,20 @@ def test_bf16_reference_error_bounded_by_torch_own_error():
     sc.backend = "auto"
     with pytest.raises(NotImplementedError, match=r"(?s)cpu: dtype torch.bfloat16.*reference: only"):
         sc(x.bfloat16())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N", [1, 4, 7])
+@pytest.mark.parametrize("layout,b,stride", [("csr", None, 1), ("csr", None, 2), ("bsr", 4, 1)])
+def test_image_split_and_plane_split_paths(N, threads, layout, b, stride, ext_required):
+    """With >= 2 images per thread the CPU kernels split images (private buffers,
+    per-thread dW partials); with fewer they split output planes. Both are exact."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfg = (N, 8, 12, 9, 13, 3, stride, 1, 1, 1)
+        for dtype in (torch.float64, torch.float32):
+            sc, x = make_conv(cfg, 0.3, layout, b, dtype=dtype, seed=N * 10 + threads)
+            check(sc, x, dtype)
+    finally:
+        torch.set_num_threads(prev)

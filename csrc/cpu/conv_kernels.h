@@ -113,40 +113,63 @@ inline scalar_t hsum_v(typename ConvVec<scalar_t>::V v) {
   return s;
 }
 
+// out[i] += sum of the lanes of a_i, i < 4: the four reductions share their
+// shuffles (12 instructions for four 16-lane sums instead of ~32).
+template <typename scalar_t>
+inline void hsum4_add(typename ConvVec<scalar_t>::V a0, typename ConvVec<scalar_t>::V a1,
+                      typename ConvVec<scalar_t>::V a2, typename ConvVec<scalar_t>::V a3,
+                      scalar_t* o0, scalar_t* o1, scalar_t* o2, scalar_t* o3) {
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    const __m512 x0 = (__m512)a0, x1 = (__m512)a1, x2 = (__m512)a2, x3 = (__m512)a3;
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(x2, x3), _mm512_unpackhi_ps(x2, x3));
+    // per 128-bit lane: [a0, a1, a2, a3] partial sums
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(u), _mm512_extractf32x8_ps(u, 1));
+    const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    alignas(16) float r[4];
+    _mm_store_ps(r, q);
+    *o0 += r[0], *o1 += r[1], *o2 += r[2], *o3 += r[3];
+    return;
+  }
+#endif
+  *o0 += hsum_v<scalar_t>(a0), *o1 += hsum_v<scalar_t>(a1);
+  *o2 += hsum_v<scalar_t>(a2), *o3 += hsum_v<scalar_t>(a3);
+}
+
 // What one band call sees. `src`/`dst` already point at the band's first row
 // and column inside one image (or plane); the entry offsets are added to it.
 template <typename scalar_t>
 struct Band {
-  const int64_t* eoff;     // [j1] offset of each entry's window into the buffer
-  const int64_t* vidx;     // [j1] index of each entry's value (or gradient slot)
+  const int32_t* eoff;     // [j1] offset of each entry's window into the buffer
+  const int32_t* vidx;     // [j1] index of each entry's value (or gradient slot)
   int64_t j0, j1;          // entries of this output row
-  const scalar_t* vals;    // values (gather, scatter) or nullptr
+  const scalar_t* w;       // gather: [j1] the entries' values, in entry order
+  const scalar_t* vals;    // scatter: values, read through vidx
   const scalar_t* buf;     // gather/dW: input buffer + band origin
   scalar_t* sbuf;          // scatter: gradient buffer + band origin
   int64_t ws;              // row stride of buf/sbuf
   scalar_t* out;           // gather: output plane + band origin; dW: gradient of values
   const scalar_t* dy;      // dW/scatter: dy plane + band origin
   int64_t ld;              // row stride of out (gather) or dy (dW, scatter)
-  scalar_t init;           // gather: accumulator start (bias) ...
-  bool accumulate;         // ... or, if set, the band's current values in out
+  scalar_t init;           // gather: accumulator start (bias)
   int row_skip;            // dW/scatter: rows < row_skip were done by an earlier band
   int col_lo, col_hi;      // valid columns of the band: [col_lo, col_hi) (<= NSEG * W)
 };
 
-// out[r][c] = (accumulate ? out[r][c] : init) + sum_j vals[vidx[j]] * buf[eoff[j] + r * ws + c]
-// for r < RB, c in [col_lo, col_hi) (reads and stores only those columns).
+// out[r][c] = init + sum_j w[j] * buf[eoff[j] + r * ws + c]
+// for r < RB, c in [col_lo, col_hi) (stores only those columns).
 template <typename scalar_t, int NSEG, int RB>
 void gather_band(const Band<scalar_t>& b) {
   using V = typename ConvVec<scalar_t>::V;
   constexpr int W = ConvVec<scalar_t>::W;
   V acc[RB][NSEG];
   for (int r = 0; r < RB; ++r)
-    for (int s = 0; s < NSEG; ++s)
-      acc[r][s] = b.accumulate
-                      ? load_lanes<scalar_t>(b.out + r * b.ld + s * W, b.col_lo - s * W, b.col_hi - s * W)
-                      : V{} + b.init;
+    for (int s = 0; s < NSEG; ++s) acc[r][s] = V{} + b.init;
   for (int64_t j = b.j0; j < b.j1; ++j) {
-    const scalar_t w = b.vals[b.vidx[j]];
+    const scalar_t w = b.w[j];
     const scalar_t* p = b.buf + b.eoff[j];
     for (int r = 0; r < RB; ++r)
       for (int s = 0; s < NSEG; ++s) acc[r][s] += w * load_v(p + r * b.ws + s * W);
@@ -201,10 +224,8 @@ void dw_band(const Band<scalar_t>& b) {
         a2 += d[r][s] * load_v(p2 + o);
         a3 += d[r][s] * load_v(p3 + o);
       }
-    b.out[b.vidx[j]] += hsum_v<scalar_t>(a0);
-    b.out[b.vidx[j + 1]] += hsum_v<scalar_t>(a1);
-    b.out[b.vidx[j + 2]] += hsum_v<scalar_t>(a2);
-    b.out[b.vidx[j + 3]] += hsum_v<scalar_t>(a3);
+    hsum4_add<scalar_t>(a0, a1, a2, a3, b.out + b.vidx[j], b.out + b.vidx[j + 1],
+                        b.out + b.vidx[j + 2], b.out + b.vidx[j + 3]);
   }
   for (; j < b.j1; ++j) {
     const scalar_t* p = b.buf + b.eoff[j];

@@ -4,15 +4,16 @@
 // The weight W is a topology over [Cout, Cin/groups * KH * KW] whose column
 // c = (ci * KH + kh) * KW + kw, as in nn.Conv2d's weight.view(Cout, -1).
 //
-// Buffers (all on the CPU, dtype of values):
-//   phase buffer  [N][sh*sw][Cin][Hs][Ws], Hs = OH + (KH-1)*dh/sh,
-//                 Ws = (KW-1)*dw/sw + read width: the input, zero padded and
-//                 split by stride phase, so that entry (ci, kh, kw) reads the
-//                 contiguous window at ((phase*Cin + ci)*Hs + kh*dh/sh)*Ws + kw*dw/sw.
-//   dy buffer     [N][Cout][H + (KH-1)*dh][(KW-1)*dw + read width] for the
+// Buffers (all on the CPU, dtype of values), see ShiftSpec:
+//   phase buffer  [N][sh*sw][Cin][Hs][Ws] + slack, Hs = OH + (KH-1)*dh/sh,
+//                 Ws >= OW + (KW-1)*dw/sw: the input, zero padded and split by
+//                 stride phase, so that entry (ci, kh, kw) reads the contiguous
+//                 window at ((phase*Cin + ci)*Hs + kh*dh/sh)*Ws + kw*dw/sw.
+//   dy buffer     [N][Cout][H + (KH-1)*dh][>= W + (KW-1)*dw] + slack, for the
 //                 stride-1 dX gather (a "full" correlation with the flipped kernel).
-// Band origins and widths are chosen so every kernel access stays inside these
-// buffers (see Plan); the launchers check every index they turn into an offset.
+// Lanes past a row's valid columns read (or, scattering, add zero to) the next
+// row; the slack of one band width after the last image keeps them in bounds.
+// The launchers check every index they turn into an offset.
 //
 // Work split: output planes (rows of W, or of W^T for dX) are cut into one
 // chunk per thread with about equal nonzeros; each thread walks the images in
@@ -25,7 +26,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <vector>
 
 #include "../checks.h"
@@ -107,7 +107,7 @@ void check_act(const at::Tensor& t, const at::Tensor& values, const char* name) 
 // and dW/scatter skip the rows/columns already done.
 struct Plan {
   int nseg, rb, vw;
-  int64_t nbands, ntiles, tile_w, read_w;
+  int64_t nbands, ntiles, tile_w;
   int64_t oh0(int64_t i, int64_t OH) const { return std::min(i * rb, OH - rb); }
   int row_skip(int64_t i, int64_t OH) const { return static_cast<int>(i * rb - oh0(i, OH)); }
   int64_t ow0(int64_t t, int64_t OW) const { return ntiles == 1 ? 0 : std::min(t * tile_w, OW - tile_w); }
@@ -121,7 +121,6 @@ Plan make_plan(int64_t OH, int64_t OW) {
   p.nseg = static_cast<int>(std::min<int64_t>((OW + W - 1) / W, kMaxSeg));
   p.tile_w = static_cast<int64_t>(p.nseg) * W;
   p.ntiles = OW <= p.tile_w ? 1 : (OW + p.tile_w - 1) / p.tile_w;
-  p.read_w = p.ntiles == 1 ? p.tile_w : OW;  // columns a band may read past its origin
   const int64_t rmax = max_band_rows(p.nseg);
   p.nbands = (OH + rmax - 1) / rmax;
   p.rb = static_cast<int>((OH + p.nbands - 1) / p.nbands);
@@ -129,70 +128,59 @@ Plan make_plan(int64_t OH, int64_t OW) {
 }
 
 // Per-thread ranges of planes [0, P) with about equal entries (plus a per-plane cost).
-std::vector<int64_t> balance(const std::vector<int64_t>& cost_prefix, int nchunks) {
-  const int64_t P = static_cast<int64_t>(cost_prefix.size()) - 1;
+std::vector<int64_t> balance(const std::vector<int64_t>& rowptr, int nchunks) {
+  const int64_t P = static_cast<int64_t>(rowptr.size()) - 1;
   std::vector<int64_t> b(nchunks + 1, P);
   b[0] = 0;
   const int64_t kPlaneCost = 8;
-  const int64_t total = cost_prefix[P] + P * kPlaneCost;
+  const int64_t total = rowptr[P] + P * kPlaneCost;
   int64_t r = 0;
   for (int ch = 1; ch < nchunks; ++ch) {
     const int64_t target = total * ch / nchunks;
-    while (r < P && cost_prefix[r] + r * kPlaneCost < target) ++r;
+    while (r < P && rowptr[r] + r * kPlaneCost < target) ++r;
     b[ch] = std::max(b[ch - 1], r);
   }
   return b;
 }
 
-// The entries of every output plane, bucketed by the chunk of source planes
-// they read: bucket (c, p) = [rowptr[c * planes + p], rowptr[c * planes + p + 1]).
-// Running all planes over one chunk before the next keeps the chunk's band
-// windows in L1 while every weight row passes over them (the band window of
-// one 256-channel 14x14 image is ~170 KB, an L2 stream per entry otherwise).
+// The weight elements feeding each output plane p: [rowptr[p], rowptr[p+1]),
+// each with the int32 offset of its window in the source image buffer and the
+// index of its value. 8 bytes per element: the table streams past every image,
+// and with int64 fields it took as much of the L2 as the image itself.
 struct Entries {
-  int64_t planes = 0, nchunks = 1;
-  std::vector<int64_t> rowptr, eoff, vidx;
-  std::vector<int64_t> plane_cost;  // [planes + 1] prefix of entries per plane
+  std::vector<int64_t> rowptr;
+  std::vector<int32_t> eoff, vidx;
+  int64_t planes() const { return static_cast<int64_t>(rowptr.size()) - 1; }
 };
 
-// enumerate(f) calls f(plane, chunk, eoff, vidx) once per weight element.
+// enumerate(f) calls f(plane, offset, value index) once per weight element;
+// entries are bucketed by plane, keeping their enumeration order.
 template <typename Enumerate>
-Entries bucket_entries(int64_t planes, int64_t nchunks, Enumerate&& enumerate) {
+Entries bucket_entries(int64_t planes, Enumerate&& enumerate) {
   Entries e;
-  e.planes = planes, e.nchunks = nchunks;
-  e.rowptr.assign(planes * nchunks + 1, 0);
-  enumerate([&](int64_t p, int64_t c, int64_t, int64_t) { ++e.rowptr[c * planes + p + 1]; });
-  e.plane_cost.assign(planes + 1, 0);
-  for (int64_t c = 0; c < nchunks; ++c)
-    for (int64_t p = 0; p < planes; ++p) e.plane_cost[p + 1] += e.rowptr[c * planes + p + 1];
-  for (int64_t p = 0; p < planes; ++p) e.plane_cost[p + 1] += e.plane_cost[p];
-  for (size_t i = 1; i < e.rowptr.size(); ++i) e.rowptr[i] += e.rowptr[i - 1];
+  e.rowptr.assign(planes + 1, 0);
+  enumerate([&](int64_t p, int64_t, int64_t) { ++e.rowptr[p + 1]; });
+  for (int64_t p = 0; p < planes; ++p) e.rowptr[p + 1] += e.rowptr[p];
   e.eoff.resize(e.rowptr.back());
   e.vidx.resize(e.rowptr.back());
   std::vector<int64_t> fill(e.rowptr.begin(), e.rowptr.end() - 1);
-  enumerate([&](int64_t p, int64_t c, int64_t off, int64_t v) {
-    const int64_t j = fill[c * planes + p]++;
-    e.eoff[j] = off;
-    e.vidx[j] = v;
+  enumerate([&](int64_t p, int64_t off, int64_t v) {
+    const int64_t j = fill[p]++;
+    e.eoff[j] = static_cast<int32_t>(off);
+    e.vidx[j] = static_cast<int32_t>(v);
   });
   return e;
 }
 
-// Source planes per chunk: enough that a chunk's band windows fill ~16 KB of L1.
-int64_t chunk_planes(int64_t window_bytes, int64_t nplanes) {
-  if (const char* env = std::getenv("SPARSEKERN_CONV_CHUNK")) return std::max<int64_t>(1, std::atoll(env));
-  return std::min(nplanes, std::max<int64_t>(8, (16 << 10) / std::max<int64_t>(window_bytes, 1)));
-}
-
-// Entries of W's element rows (Cout planes): offset of each entry's window
-// into the phase buffer, and its index into the flat values.
+// Entries of W's element rows (Cout planes): the window of element
+// (co, ci, kh, kw) in the phase buffer, and its index into the flat values.
 Entries forward_entries(const ConvShape& s, const at::Tensor& row_offsets,
-                        const at::Tensor& col_indices, int64_t Hs, int64_t Ws, int64_t chunk) {
+                        const at::Tensor& col_indices, int64_t Hs, int64_t Ws) {
   const Geom& g = s.g;
   const int64_t bs = s.tv.bs;
   const int32_t* ro = row_offsets.data_ptr<int32_t>();
   const int32_t* ci = col_indices.data_ptr<int32_t>();
-  return bucket_entries(s.Cout, (s.Cin + chunk - 1) / chunk, [&](auto&& f) {
+  return bucket_entries(s.Cout, [&](auto&& f) {
     for (int64_t co = 0; co < s.Cout; ++co) {
       const int64_t R = co / bs, r = co % bs, grp = co / s.cout_g;
       for (int64_t blk = ro[R]; blk < ro[R + 1]; ++blk) {
@@ -201,8 +189,7 @@ Entries forward_entries(const ConvShape& s, const at::Tensor& row_offsets,
           const int64_t cin = grp * s.cin_g + col / s.khkw, k = col % s.khkw;
           const int64_t ah = (k / g.kw) * g.dh, aw = (k % g.kw) * g.dw;
           const int64_t phase = (ah % g.sh) * g.sw + aw % g.sw;
-          f(co, cin / chunk, ((phase * s.Cin + cin) * Hs + ah / g.sh) * Ws + aw / g.sw,
-            (blk * bs + r) * bs + c);
+          f(co, ((phase * s.Cin + cin) * Hs + ah / g.sh) * Ws + aw / g.sw, (blk * bs + r) * bs + c);
         }
       }
     }
@@ -211,23 +198,23 @@ Entries forward_entries(const ConvShape& s, const at::Tensor& row_offsets,
 
 // Entries of dX's planes (Cin of them) read from W^T's metadata (t_offsets,
 // t_indices, t_perm into the same values); the offsets point into the padded
-// dy buffer [N][Cout][Hs][Ws], chunked by output channel.
+// dy buffer [N][Cout][Hs][Ws].
 Entries transpose_entries(const ConvShape& s, const at::Tensor& t_offsets,
                           const at::Tensor& t_indices, const at::Tensor& t_perm, int64_t Hs,
-                          int64_t Ws, int64_t chunk) {
+                          int64_t Ws) {
   const Geom& g = s.g;
   const int64_t bs = s.tv.bs, kg = s.cin_g * s.khkw;
   const int32_t* to = t_offsets.data_ptr<int32_t>();
   const int32_t* ti = t_indices.data_ptr<int32_t>();
   const int32_t* tp = t_perm.data_ptr<int32_t>();
-  return bucket_entries(s.Cin, (s.Cout + chunk - 1) / chunk, [&](auto&& f) {
+  return bucket_entries(s.Cin, [&](auto&& f) {
     for (int64_t k = 0; k < kg; ++k) {
       const int64_t cb = k / bs, i = k % bs, kk = k % s.khkw;
       const int64_t shift = (g.kh - 1 - kk / g.kw) * g.dh * Ws + (g.kw - 1 - kk % g.kw) * g.dw;
       for (int64_t jj = to[cb]; jj < to[cb + 1]; ++jj)
         for (int64_t r = 0; r < bs; ++r) {
           const int64_t co = static_cast<int64_t>(ti[jj]) * bs + r;
-          f((co / s.cout_g) * s.cin_g + k / s.khkw, co / chunk, co * Hs * Ws + shift,
+          f((co / s.cout_g) * s.cin_g + k / s.khkw, co * Hs * Ws + shift,
             (static_cast<int64_t>(tp[jj]) * bs + r) * bs + i);
         }
     }
@@ -236,126 +223,168 @@ Entries transpose_entries(const ConvShape& s, const at::Tensor& t_offsets,
 
 int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
-// dst[n][a*sw + b][c][i][j] = src[n][c][i*sh + a - off_t][j*sw + b - off_l],
-// zero outside src. src may have any strides (NCHW or channels-last).
+// How one image of a source buffer is built from a 4-D tensor (any strides,
+// NCHW or channels-last): dst[a*sw + b][c][i][j] = src[n][c][i*sh + a - off_t][j*sw + b - off_l],
+// zero outside src. Hs x Ws planes, P = sh*sw phases of C channels.
+struct ShiftSpec {
+  at::Tensor src;
+  int64_t sh, sw, off_t, off_l, Hs, Ws;
+  int64_t planes() const { return sh * sw * src.size(1); }
+  int64_t img() const { return planes() * Hs * Ws; }
+};
+
 template <typename scalar_t>
-void shift_copy(const at::Tensor& src, int64_t sh, int64_t sw, int64_t off_t, int64_t off_l,
-                int64_t Hs, int64_t Ws, scalar_t* dst) {
-  const int64_t N = src.size(0), C = src.size(1), H = src.size(2), W = src.size(3);
-  const int64_t s0 = src.stride(0), s1 = src.stride(1), s2 = src.stride(2), s3 = src.stride(3);
-  const scalar_t* sp = src.data_ptr<scalar_t>();
-  const int64_t P = sh * sw;
-  at::parallel_for(0, N * P * C, 4, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n = q / (P * C), ph = (q / C) % P, c = q % C;
-      const int64_t a = ph / sw, b = ph % sw;
-      scalar_t* d = dst + q * Hs * Ws;
-      const scalar_t* plane = sp + n * s0 + c * s1;
-      // columns j with 0 <= j*sw + b - off_l < W
-      const int64_t jlo = std::min(Ws, std::max<int64_t>(0, -floordiv(b - off_l, sw)));
-      const int64_t jhi = std::max(jlo, std::min(Ws, floordiv(W - 1 - b + off_l, sw) + 1));
-      for (int64_t i = 0; i < Hs; ++i) {
-        scalar_t* drow = d + i * Ws;
-        const int64_t ih = i * sh + a - off_t;
-        if (ih < 0 || ih >= H || jhi <= jlo) {
-          std::fill(drow, drow + Ws, scalar_t(0));
-          continue;
-        }
-        std::fill(drow, drow + jlo, scalar_t(0));
-        const scalar_t* srow = plane + ih * s2 + (jlo * sw + b - off_l) * s3;
-        if (sw == 1 && s3 == 1) {
-          std::memcpy(drow + jlo, srow, (jhi - jlo) * sizeof(scalar_t));
-        } else {
-          for (int64_t j = jlo; j < jhi; ++j) drow[j] = srow[(j - jlo) * sw * s3];
-        }
-        std::fill(drow + jhi, drow + Ws, scalar_t(0));
-      }
+void copy_plane(const ShiftSpec& sp, int64_t n, int64_t q, scalar_t* d) {
+  const at::Tensor& src = sp.src;
+  const int64_t C = src.size(1), H = src.size(2), W = src.size(3);
+  const int64_t s2 = src.stride(2), s3 = src.stride(3);
+  const int64_t ph = q / C, c = q % C, a = ph / sp.sw, b = ph % sp.sw;
+  const int64_t sw = sp.sw, Ws = sp.Ws;
+  const scalar_t* plane = src.data_ptr<scalar_t>() + n * src.stride(0) + c * src.stride(1);
+  // columns j with 0 <= j*sw + b - off_l < W
+  const int64_t jlo = std::min(Ws, std::max<int64_t>(0, -floordiv(b - sp.off_l, sw)));
+  const int64_t jhi = std::max(jlo, std::min(Ws, floordiv(W - 1 - b + sp.off_l, sw) + 1));
+  for (int64_t i = 0; i < sp.Hs; ++i) {
+    scalar_t* drow = d + i * Ws;
+    const int64_t ih = i * sp.sh + a - sp.off_t;
+    if (ih < 0 || ih >= H || jhi <= jlo) {
+      std::fill(drow, drow + Ws, scalar_t(0));
+      continue;
     }
+    std::fill(drow, drow + jlo, scalar_t(0));
+    const scalar_t* srow = plane + ih * s2 + (jlo * sw + b - sp.off_l) * s3;
+    if (sw == 1 && s3 == 1) {
+      std::memcpy(drow + jlo, srow, (jhi - jlo) * sizeof(scalar_t));
+    } else {
+      for (int64_t j = jlo; j < jhi; ++j) drow[j] = srow[(j - jlo) * sw * s3];
+    }
+    std::fill(drow + jhi, drow + Ws, scalar_t(0));
+  }
+}
+
+// All images into dst [N][planes][Hs][Ws], split over threads by plane.
+template <typename scalar_t>
+void copy_all(const ShiftSpec& sp, scalar_t* dst) {
+  const int64_t P = sp.planes(), plane = sp.Hs * sp.Ws;
+  at::parallel_for(0, sp.src.size(0) * P, 4, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) copy_plane<scalar_t>(sp, q / P, q % P, dst + q * plane);
   });
 }
 
-// Run `kind` over every (image, column tile, band, chunk, output plane). The
-// plane p of image n is out + (n * planes + p) * OH * OW; the buffer image n
-// is buf + n * img.
+// Row width: at least `need`; rounded up to whole 64-byte lines (aligned rows)
+// when that costs at most a quarter more memory.
+int64_t row_width(int64_t need, int64_t vw) {
+  const int64_t up = (need + vw - 1) / vw * vw;
+  return up * 4 <= need * 5 ? up : need;
+}
+
+// Run `kind` (gather or dW) over every (image, output plane, column tile,
+// band). Output plane p of image n is out + (n * planes + p) * OH * OW; the
+// kernels read source image n as built by `sp`. The gather kernels read the
+// values pre-gathered in entry order.
+//
+// With at least two images per thread, threads split the images: each copies
+// its image into a private buffer that stays in its L2 while every weight row
+// streams past (dW then sums per-thread partials in thread order). Otherwise
+// threads split the output planes over one shared copy of all images.
+// (3x3 256->256 14x14 batch 32, 95% sparse, 2 threads: forward 6.2 -> 4.9 ms.)
 template <typename scalar_t>
 void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64_t OH, int64_t OW,
-               const scalar_t* vals, const scalar_t* buf, int64_t img, int64_t Ws,
-               const scalar_t* bias, scalar_t* out, const scalar_t* dy) {
-  const int64_t planes = e.planes;
-  BandFn<scalar_t> fn = kind == BandKind::kGather ? select_band<scalar_t, BandKind::kGather>(pl.nseg, pl.rb)
-                                                  : select_band<scalar_t, BandKind::kDW>(pl.nseg, pl.rb);
-  const int nth = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(planes, 1)));
-  const std::vector<int64_t> bounds = balance(e.plane_cost, nth);
+               const scalar_t* vals, const ShiftSpec& sp, const scalar_t* bias, scalar_t* out,
+               const scalar_t* dy, int64_t nout) {
+  const int64_t planes = e.planes(), Ws = sp.Ws, img = sp.img(), slack = pl.tile_w + Ws;
+  const BandFn<scalar_t> fn = kind == BandKind::kGather
+                                  ? select_band<scalar_t, BandKind::kGather>(pl.nseg, pl.rb)
+                                  : select_band<scalar_t, BandKind::kDW>(pl.nseg, pl.rb);
+  TORCH_CHECK_VALUE(img < (int64_t(1) << 31), "one image of the conv's padded buffer has ", img,
+                    " elements; the CPU kernel indexes it with int32 (< 2^31)");
+  std::vector<scalar_t> w;
+  if (kind == BandKind::kGather) {
+    w.resize(e.vidx.size());
+    for (size_t j = 0; j < w.size(); ++j) w[j] = vals[e.vidx[j]];
+  }
+  const int nth_all = at::get_num_threads();
+  const bool by_image = nth_all > 1 && N >= 2 * nth_all;
+  const int nth = by_image ? nth_all
+                           : static_cast<int>(std::min<int64_t>(nth_all, std::max<int64_t>(planes, 1)));
+  at::Tensor shared;
+  if (!by_image) {
+    shared = at::empty({N * img + slack}, sp.src.options());
+    shared.narrow(0, N * img, slack).zero_();
+    copy_all<scalar_t>(sp, shared.data_ptr<scalar_t>());
+  }
+  const std::vector<int64_t> bounds = balance(e.rowptr, nth);
+  std::vector<at::Tensor> partial(nth);
 #pragma omp parallel num_threads(nth)
   {
     const int t = omp_get_thread_num();
     Band<scalar_t> b{};
     b.eoff = e.eoff.data();
     b.vidx = e.vidx.data();
-    b.vals = vals;
+    b.w = w.data();
     b.ws = Ws;
     b.ld = OW;
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t ct = 0; ct < pl.ntiles; ++ct) {
-        const int64_t ow0 = pl.ow0(ct, OW);
-        b.col_lo = static_cast<int>(ct * pl.tile_w - ow0);
-        b.col_hi = static_cast<int>(std::min(pl.tile_w, OW - ow0));
-        for (int64_t bi = 0; bi < pl.nbands; ++bi) {
-          const int64_t oh0 = pl.oh0(bi, OH);
-          b.row_skip = pl.row_skip(bi, OH);
-          b.buf = buf + n * img + oh0 * Ws + ow0;
-          for (int64_t c = 0; c < e.nchunks; ++c) {
-            b.accumulate = c > 0;
-            for (int64_t p = bounds[t]; p < bounds[t + 1]; ++p) {
-              b.j0 = e.rowptr[c * planes + p];
-              b.j1 = e.rowptr[c * planes + p + 1];
-              if (b.j0 == b.j1 && (c > 0 || kind != BandKind::kGather)) continue;
-              const int64_t plane = (n * planes + p) * OH * OW + oh0 * OW + ow0;
-              if (kind == BandKind::kGather) {
-                b.init = bias ? bias[p] : scalar_t(0);
-                b.out = out + plane;
-              } else {
-                b.out = out;
-                b.dy = dy + plane;
-              }
-              fn(b);
+    scalar_t* dw_out = out;
+    at::Tensor own;
+    if (by_image) {
+      own = at::empty({img + slack}, sp.src.options());
+      own.narrow(0, img, slack).zero_();
+      if (kind == BandKind::kDW) {
+        partial[t] = at::zeros({nout}, sp.src.options());
+        dw_out = partial[t].data_ptr<scalar_t>();
+      }
+    }
+    const int64_t n0 = by_image ? N * t / nth : 0, n1 = by_image ? N * (t + 1) / nth : N;
+    const int64_t p0 = by_image ? 0 : bounds[t], p1 = by_image ? planes : bounds[t + 1];
+    for (int64_t n = n0; n < n1; ++n) {
+      const scalar_t* src;
+      if (by_image) {
+        scalar_t* o = own.data_ptr<scalar_t>();
+        for (int64_t q = 0; q < sp.planes(); ++q) copy_plane<scalar_t>(sp, n, q, o + q * sp.Hs * Ws);
+        src = o;
+      } else {
+        src = shared.data_ptr<scalar_t>() + n * img;
+      }
+      for (int64_t p = p0; p < p1; ++p) {
+        b.j0 = e.rowptr[p];
+        b.j1 = e.rowptr[p + 1];
+        b.init = bias ? bias[p] : scalar_t(0);
+        const int64_t plane = (n * planes + p) * OH * OW;
+        for (int64_t ct = 0; ct < pl.ntiles; ++ct) {
+          const int64_t ow0 = pl.ow0(ct, OW);
+          b.col_lo = static_cast<int>(ct * pl.tile_w - ow0);
+          b.col_hi = static_cast<int>(std::min(pl.tile_w, OW - ow0));
+          for (int64_t bi = 0; bi < pl.nbands; ++bi) {
+            const int64_t oh0 = pl.oh0(bi, OH);
+            b.row_skip = pl.row_skip(bi, OH);
+            b.buf = src + oh0 * Ws + ow0;
+            if (kind == BandKind::kGather) {
+              b.out = out + plane + oh0 * OW + ow0;
+            } else {
+              b.out = dw_out;
+              b.dy = dy + plane + oh0 * OW + ow0;
             }
+            fn(b);
           }
         }
       }
     }
   }
-}
-
-struct PhaseBuffer {
-  int64_t Hs, Ws, img;
-  at::Tensor t;
-};
-
-// The zero-padded, phase-split copy of x that the forward and dW kernels read.
-// Without x (scatter dX), the buffer is allocated and zeroed with `opts`.
-template <typename scalar_t>
-PhaseBuffer phase_buffer(const ConvShape& s, const Plan& pl, const at::Tensor& x,
-                         const at::TensorOptions& opts) {
-  const Geom& g = s.g;
-  PhaseBuffer pb;
-  pb.Hs = s.OH + ((g.kh - 1) * g.dh) / g.sh;
-  pb.Ws = ((g.kw - 1) * g.dw) / g.sw + pl.read_w;
-  pb.img = g.sh * g.sw * s.Cin * pb.Hs * pb.Ws;
-  if (x.defined()) {
-    pb.t = at::empty({s.N * pb.img}, opts);
-    shift_copy<scalar_t>(x, g.sh, g.sw, g.pt, g.pl, pb.Hs, pb.Ws, pb.t.data_ptr<scalar_t>());
-  } else {
-    pb.t = at::zeros({s.N * pb.img}, opts);
+  if (by_image && kind == BandKind::kDW) {
+    at::parallel_for(0, nout, 4096, [&](int64_t i0, int64_t i1) {
+      for (int t = 0; t < nth; ++t) {
+        const scalar_t* pt = partial[t].data_ptr<scalar_t>();
+        for (int64_t i = i0; i < i1; ++i) out[i] += pt[i];
+      }
+    });
   }
-  return pb;
 }
 
-// Bytes of one source plane that one band reads (rows x buffer width).
-template <typename scalar_t>
-int64_t window_bytes(const ConvShape& s, const Plan& pl, const PhaseBuffer& pb) {
-  return (pl.rb + ((s.g.kh - 1) * s.g.dh) / s.g.sh) * pb.Ws * s.g.sh * s.g.sw *
-         static_cast<int64_t>(sizeof(scalar_t));
+// The zero-padded, phase-split input the forward and dW kernels read.
+ShiftSpec phase_spec(const ConvShape& s, const at::Tensor& x, int64_t vw) {
+  const Geom& g = s.g;
+  return ShiftSpec{x, g.sh, g.sw, g.pt, g.pl, s.OH + ((g.kh - 1) * g.dh) / g.sh,
+                   row_width(s.OW + ((g.kw - 1) * g.dw) / g.sw, vw)};
 }
 
 void check_forward_indices(const ConvShape& s, const at::Tensor& row_offsets,
@@ -385,12 +414,11 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values, const at
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparsekern_conv2d_cpu", [&] {
     const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
-    const auto pb = phase_buffer<scalar_t>(s, pl, x_in, x_in.options());
-    const Entries e = forward_entries(s, row_offsets, col_indices, pb.Hs, pb.Ws,
-                                      chunk_planes(window_bytes<scalar_t>(s, pl, pb), s.Cin));
-    run_bands<scalar_t>(BandKind::kGather, pl, e, s.N, s.OH, s.OW, values.data_ptr<scalar_t>(),
-                        pb.t.data_ptr<scalar_t>(), pb.img, pb.Ws,
-                        b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), nullptr);
+    const ShiftSpec sp = phase_spec(s, x_in, ConvVec<scalar_t>::W);
+    const Entries e = forward_entries(s, row_offsets, col_indices, sp.Hs, sp.Ws);
+    run_bands<scalar_t>(BandKind::kGather, pl, e, s.N, s.OH, s.OW, values.data_ptr<scalar_t>(), sp,
+                        b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                        nullptr, 0);
   });
   return y;
 }
@@ -413,35 +441,45 @@ at::Tensor conv2d_dx_cpu(const at::Tensor& dy_in, const at::Tensor& values,
                             input_size[0], input_size[1], input_size[2], input_size[3]);
   check_dy(dy_in, values, s);
   const Geom& g = s.g;
-  at::Tensor dx = at::zeros({s.N, s.Cin, s.H, s.W}, dy_in.options());
+  // The stride-1 gather writes every element of dx; the scatter path needs zeros.
+  const bool gather = g.sh == 1 && g.sw == 1;
+  at::Tensor dx = gather && s.tv.nnz > 0 ? at::empty({s.N, s.Cin, s.H, s.W}, dy_in.options())
+                                         : at::zeros({s.N, s.Cin, s.H, s.W}, dy_in.options());
   if (dx.numel() == 0 || s.tv.nnz == 0) return dx;
   const at::Tensor dy = dy_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparsekern_conv2d_dx_cpu", [&] {
     const scalar_t* vals = values.data_ptr<scalar_t>();
-    if (g.sh == 1 && g.sw == 1) {
+    if (gather) {
       // Gather: dX = full correlation of dy with the flipped kernel, over W^T.
       check_offsets_host(t_offsets, s.tv.nnz, "t_offsets");
       check_indices_below(t_indices, s.tv.rows, "t_indices");
       check_indices_below(t_perm, s.tv.nnz, "t_perm");
       const Plan pl = make_plan<scalar_t>(s.H, s.W);
-      const int64_t Hs = s.H + (g.kh - 1) * g.dh, Ws = (g.kw - 1) * g.dw + pl.read_w;
-      at::Tensor buf = at::empty({s.N * s.Cout * Hs * Ws}, dy.options());
-      shift_copy<scalar_t>(dy, 1, 1, (g.kh - 1) * g.dh - g.pt, (g.kw - 1) * g.dw - g.pl, Hs, Ws,
-                           buf.data_ptr<scalar_t>());
-      const int64_t win = (pl.rb + (g.kh - 1) * g.dh) * Ws * static_cast<int64_t>(sizeof(scalar_t));
-      const Entries e = transpose_entries(s, t_offsets, t_indices, t_perm, Hs, Ws, chunk_planes(win, s.Cout));
-      run_bands<scalar_t>(BandKind::kGather, pl, e, s.N, s.H, s.W, vals, buf.data_ptr<scalar_t>(),
-                          s.Cout * Hs * Ws, Ws, nullptr, dx.data_ptr<scalar_t>(), nullptr);
+      const ShiftSpec sp{dy, 1, 1, (g.kh - 1) * g.dh - g.pt, (g.kw - 1) * g.dw - g.pl,
+                         s.H + (g.kh - 1) * g.dh,
+                         row_width(s.W + (g.kw - 1) * g.dw, ConvVec<scalar_t>::W)};
+      const Entries e = transpose_entries(s, t_offsets, t_indices, t_perm, sp.Hs, sp.Ws);
+      run_bands<scalar_t>(BandKind::kGather, pl, e, s.N, s.H, s.W, vals, sp, nullptr,
+                          dx.data_ptr<scalar_t>(), nullptr, 0);
       return;
     }
     // Scatter (stride > 1): the adjoint of the forward gather into a phase
     // buffer, then un-split. Split by image, so no two threads share a slot.
     check_forward_indices(s, row_offsets, col_indices);
     const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
-    const auto pb = phase_buffer<scalar_t>(s, pl, at::Tensor(), dy.options());
-    const Entries e = forward_entries(s, row_offsets, col_indices, pb.Hs, pb.Ws, s.Cin);
+    struct {
+      int64_t Hs, Ws, img;
+    } pb;
+    {
+      const ShiftSpec sp = phase_spec(s, dx, ConvVec<scalar_t>::W);  // dx: only its shape is used
+      pb = {sp.Hs, sp.Ws, sp.img()};
+    }
+    TORCH_CHECK_VALUE(pb.img < (int64_t(1) << 31), "one image of the conv's padded buffer has ", pb.img,
+                      " elements; the CPU kernel indexes it with int32 (< 2^31)");
+    at::Tensor sbuf = at::zeros({s.N * pb.img + pl.tile_w + pb.Ws}, dy.options());
+    const Entries e = forward_entries(s, row_offsets, col_indices, pb.Hs, pb.Ws);
     const BandFn<scalar_t> fn = select_band<scalar_t, BandKind::kScatter>(pl.nseg, pl.rb);
-    scalar_t* sb = pb.t.data_ptr<scalar_t>();
+    scalar_t* sb = sbuf.data_ptr<scalar_t>();
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     at::parallel_for(0, s.N, 1, [&](int64_t n0, int64_t n1) {
       Band<scalar_t> b{};
@@ -509,11 +547,10 @@ at::Tensor conv2d_dw_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   const at::Tensor dy = dy_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sparsekern_conv2d_dw_cpu", [&] {
     const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
-    const auto pb = phase_buffer<scalar_t>(s, pl, x_in, x_in.options());
-    const Entries e = forward_entries(s, row_offsets, col_indices, pb.Hs, pb.Ws,
-                                      chunk_planes(window_bytes<scalar_t>(s, pl, pb), s.Cin));
-    run_bands<scalar_t>(BandKind::kDW, pl, e, s.N, s.OH, s.OW, nullptr, pb.t.data_ptr<scalar_t>(),
-                        pb.img, pb.Ws, nullptr, out.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>());
+    const ShiftSpec sp = phase_spec(s, x_in, ConvVec<scalar_t>::W);
+    const Entries e = forward_entries(s, row_offsets, col_indices, sp.Hs, sp.Ws);
+    run_bands<scalar_t>(BandKind::kDW, pl, e, s.N, s.OH, s.OW, nullptr, sp, nullptr,
+                        out.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), out.numel());
   });
   return out;
 }
