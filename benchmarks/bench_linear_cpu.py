@@ -14,13 +14,6 @@ ratios, the training-step parameter memory, and writes
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -31,35 +24,11 @@ from tqdm import tqdm
 import sparsekern as sk
 from sparsekern.ops import library as L
 
+from _bench_common import (base_parser, fmt, machine_meta, median_ms, plot_speedups, ratio,
+                           write_results)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("fwd", "dx", "dw", "fwd+bwd")
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def median_ms(fn, reps: int, warmup: int = 2, budget_s: float = 6.0) -> float:
-    """Median of ``reps`` timed runs; at least 3 but fewer than ``reps`` when one
-    run is slow (torch.sparse's CSR backward takes seconds at high density)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        fn()
-    reps = max(3, min(reps, int(budget_s / max(first, 1e-9))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def dense_fns(x, dy, in_f, out_f):
@@ -151,14 +120,6 @@ def run(shapes, batches, densities, reps, threads):
     return rows
 
 
-def ratio(a, b):
-    return None if a is None or b is None else a / b
-
-
-def fmt(r):
-    return "n/a" if r is None else f"{r:.2f}x"
-
-
 def markdown(rows, meta) -> str:
     out = [f"CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
            f"float32, {meta['date']}. Speedup = baseline time / sparsekern time (higher is better); "
@@ -175,60 +136,21 @@ def markdown(rows, meta) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for ax, kind in zip(axes, ("fwd", "fwd+bwd")):
-        keys = sorted({(r["in"], r["out"], r["batch"], r["layout"]) for r in rows})
-        for key in keys:
-            rs = sorted((r for r in rows if (r["in"], r["out"], r["batch"], r["layout"]) == key),
-                        key=lambda r: r["density"])
-            sp = [1 - r["density"] for r in rs]
-            ax.plot(sp, [r["dense_ms"][kind] / r["sparsekern_ms"][kind] for r in rs],
-                    marker="o" if key[3] == "csr" else "s", ls="-" if key[3] == "csr" else ":",
-                    label=f"{key[3]} {key[0]}->{key[1]}, batch {key[2]}")
-        ideal = sorted({1 - r["density"] for r in rows})
-        ax.plot(ideal, [1 / (1 - s) for s in ideal], "k--", label="ideal 1/density")
-        ax.axhline(1, color="gray", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xlabel("sparsity")
-        ax.set_title(f"SparseLinear {kind} speedup over dense F.linear")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("speedup (x)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="4096->4096 at batch 256 only")
-    p.add_argument("--reps", type=int, default=7, help="timed runs per measurement (median)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="threads for every contender (default: torch's)")
-    p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05, 0.02])
-    p.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    p = base_parser(__doc__, "4096->4096 at batch 256 only", [0.5, 0.2, 0.1, 0.05, 0.02], RESULTS)
     a = p.parse_args()
     if not sk.extension_available():
         raise SystemExit("the compiled extension is not built; run `bash scripts/setup.sh` first")
     shapes = [(4096, 4096)] if a.quick else [(4096, 4096), (768, 3072), (1024, 1024)]
     batches = [256] if a.quick else [256, 2048]
-    meta = {"cpu": cpu_model(), "threads": a.threads, "torch": torch.__version__,
-            "sparsekern": sk.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "reps": a.reps, "dtype": "float32", "cores": os.cpu_count()}
+    meta = machine_meta(a.threads, a.reps)
     print(f"machine: {meta['cpu']} ({meta['cores']} cores), threads={a.threads}, torch {meta['torch']}")
     rows = run(shapes, batches, a.densities, a.reps, a.threads)
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = "linear_cpu_quick" if a.quick else "linear_cpu"
-    (a.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     md = markdown(rows, meta)
-    (a.out / f"{stem}.md").write_text(md)
-    plot(rows, a.out / f"{stem}.png")
-    print(md)
-    print(f"wrote {a.out / stem}.json, .md and .png")
+    write_results(a.out, "linear_cpu_quick" if a.quick else "linear_cpu", meta, rows, md,
+                  lambda path: plot_speedups(rows, path, lambda r: (r["in"], r["out"], r["batch"], r["layout"]),
+                                             lambda r: f"{r['layout']} {r['in']}->{r['out']}, batch {r['batch']}",
+                                             "SparseLinear {kind} speedup over dense F.linear"))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def test_no_bias_and_fresh_inputs(ext_required):
 
 
 def test_channels_last_and_unbatched_inputs(ext_required):
-    sc, x = make_conv((2, 8, 12, 9, 10, 3, 1, 1, 1, 1), 0.3, dtype=torch.float32)
+    sc, x = make_conv((5, 8, 12, 9, 10, 3, 1, 1, 1, 1), 0.3, dtype=torch.float32)
     x = x.float()
     y = sc(x)
     xl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
