@@ -119,7 +119,7 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         return self.weight.mask().reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_conv2d(x, self.weight, self.bias, self.geometry, self.backend)
+        return sparse_conv2d(x, self.weight, self.geometry, self.bias, self.backend)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -63,16 +63,16 @@ def conv_geometry(kernel_size, stride=1, padding=0, dilation=1, groups=1) -> lis
     return [kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups]
 
 
-def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
-                  geometry: list[int] | None = None, backend: str = "auto") -> torch.Tensor:
+def sparse_conv2d(x: torch.Tensor, weight, geometry: list[int], bias: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
     """Cross-correlation of x with a sparse weight, computed on the nonzeros only.
 
     Args:
         x: float [N, Cin, H, W] (or unbatched [Cin, H, W]), NCHW or channels-last,
             same dtype and device as ``weight.values``.
         weight: a ``CSRTopology``/``BSRTopology`` of shape [Cout, Cin/groups * kh * kw].
+        geometry: from :func:`conv_geometry` (kernel, stride, padding, dilation, groups).
         bias: optional float [Cout].
-        geometry: from :func:`conv_geometry`.
         backend: "auto", "cpu" or "reference".
 
     Returns:
@@ -83,6 +83,8 @@ def sparse_conv2d(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     values = weight.values
     cout, k_cols = weight.shape
+    if len(geometry) != 11:
+        raise ValueError(f"geometry must come from conv_geometry (11 ints), got {geometry!r}")
     kh, kw, groups = geometry[0], geometry[1], geometry[10]
     unbatched = x.dim() == 3
     if unbatched:
