@@ -103,3 +103,24 @@ def write_results(out, stem, meta, rows, md, plot):
     plot(out / f"{stem}.png")
     print(md)
     print(f"wrote {out / stem}.json, .md and .png")
+
+
+def paired_ms(fns_a: dict, fns_b: dict, reps: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Medians (ms) of two sets of contenders timed in alternation, kind by kind
+    (a, b, a, b, ...), so a drift of the shared machine hits both sides alike."""
+    out_a, out_b = {}, {}
+    for k in fns_a:
+        fa, fb = fns_a[k], fns_b[k]
+        for _ in range(warmup):
+            fa(), fb()
+        ta, tb = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fa()
+            t1 = time.perf_counter()
+            fb()
+            t2 = time.perf_counter()
+            ta.append(t1 - t0)
+            tb.append(t2 - t1)
+        out_a[k], out_b[k] = statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+    return out_a, out_b

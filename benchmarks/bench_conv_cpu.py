@@ -8,8 +8,8 @@ with 16x16 blocks:
 * 3x3 256->256 at 14x14,
 * 1x1 1024->256 at 14x14,
 
-against dense ``F.conv2d`` (and its ``torch.nn.grad`` input/weight gradients)
-and against ``torch.sparse`` on the same nonzeros (``F.unfold`` then
+against dense ``F.conv2d`` (and its ``torch.nn.grad`` input/weight gradients;
+timed in alternation with sparsekern, run by run) and against ``torch.sparse`` on the same nonzeros (``F.unfold`` then
 ``torch.sparse.mm`` with a CSR weight, the only sparse conv torch offers), all
 in one process with the same thread count. Writes
 ``benchmarks/results/conv_cpu.{json,md,png}`` and checks the issue's targets
@@ -30,7 +30,7 @@ from tqdm import tqdm
 import sparsekern as sk
 from sparsekern.ops import library as L
 
-from _bench_common import (base_parser, fmt, machine_meta, median_ms, plot_speedups, ratio,
+from _bench_common import (base_parser, fmt, machine_meta, median_ms, paired_ms, plot_speedups, ratio,
                            write_results)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -123,14 +123,16 @@ def run(shapes, layouts, densities, reps, threads):
     for name, cin, cout, k, hw, batch in tqdm(shapes, desc="shapes", unit="shape"):
         torch.manual_seed(0)
         x, dy = torch.randn(batch, cin, hw, hw), torch.randn(batch, cout, hw, hw)
-        dense = timed(dense_fns(x, dy, cin, cout, k), reps)
+        dense_f = dense_fns(x, dy, cin, cout, k)
         cases = [(lay, bs, d) for lay, bs in layouts for d in densities]
         for layout, bs, d in tqdm(cases, desc=name, leave=False):
             conv = sk.SparseConv2d(cin, cout, k, padding=k // 2, bias=False, density=d, layout=layout,
                                    block_size=bs)
+            # dense and sparsekern alternate run by run, so machine drift hits both
+            dense, ours = paired_ms(dense_f, sparsekern_fns(conv, x, dy), reps)
             rows.append({"shape": name, "batch": batch, "density": d,
                          "layout": layout if bs is None else f"{layout}{bs}",
-                         "dense_ms": dense, "sparsekern_ms": timed(sparsekern_fns(conv, x, dy), reps),
+                         "dense_ms": dense, "sparsekern_ms": ours,
                          "torch_sparse_ms": timed(torch_sparse_fns(conv, x, dy), reps),
                          "memory": param_bytes(conv, cout * cin * k * k)})
     return rows
@@ -150,7 +152,8 @@ def targets(rows):
 def markdown(rows, meta) -> str:
     out = [f"CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, float32, "
            f"batch 32, NCHW, {meta['date']}. Speedup = baseline time / sparsekern time "
-           f"(higher is better); medians of 3 to {meta['reps']} runs.", "",
+           f"(higher is better); medians of {meta['reps']} runs, dense and sparsekern alternating "
+           f"run by run (torch.sparse: 3 to {meta['reps']} runs).", "",
            "| conv | layout | density | fwd vs dense | dX vs dense | dW vs dense | fwd+bwd vs dense "
            "| ideal | fwd vs torch.sparse | fwd+bwd vs torch.sparse | param memory vs dense |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
