@@ -1,0 +1,93 @@
+"""In-place topology surgery: drop and grow entries of a CSR/BSR topology at a fixed nnz.
+
+Everything is rewritten into the tensors that already exist (``row_offsets``,
+``col_indices``, the transpose metadata and ``values`` keep their storage), so
+modules, optimizers and compiled graphs that hold them stay valid. Positions
+are in *block* coordinates (b = 1 for CSR): ``linear = row * C + col``.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsekern.formats import SparseTopology, row_ids, transpose_metadata
+
+
+def active_positions(topo: SparseTopology) -> torch.Tensor:
+    """Linear block positions of the stored entries, int64 [nnzb], in storage order."""
+    C = topo.shape[1] // topo.block_size
+    return row_ids(topo.row_offsets) * C + topo.col_indices.long()
+
+
+@torch.no_grad()
+def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor) -> torch.Tensor:
+    """Drop the entries flagged in ``drop`` and grow entries at the positions ``grow``, in place.
+
+    Args:
+        topo: the topology to rewrite.
+        drop: bool [nnzb], True for each stored (block) entry to remove.
+        grow: int64 [k] linear block positions to add, k == drop.sum(); each must be
+            free after the drop (a position dropped in this call may be regrown).
+
+    Returns:
+        src: int64 [nnzb], for every entry of the new storage order the index of the
+        old entry it keeps, or -1 for a grown entry (whose value is set to 0). Use it
+        to move any per-value state (see :func:`permute_like_values`).
+    """
+    nnzb = topo.values.shape[0]
+    R, C = topo.shape[0] // topo.block_size, topo.shape[1] // topo.block_size
+    if drop.dtype != torch.bool or drop.shape != (nnzb,):
+        raise ValueError(f"drop must be bool [{nnzb}], got {drop.dtype} {tuple(drop.shape)}")
+    grow = grow.to(torch.int64).flatten()
+    k = int(drop.sum())
+    if grow.numel() != k:
+        raise ValueError(f"grow has {grow.numel()} positions but {k} entries are dropped; nnz must stay fixed")
+    if k and (bool((grow < 0).any()) or bool((grow >= R * C).any())):
+        raise ValueError(f"grow positions must be in [0, {R * C})")
+    old_lin = active_positions(topo)
+    keep_idx = torch.nonzero(~drop).flatten()
+    new_lin = torch.cat([old_lin[keep_idx], grow.to(old_lin.device)])
+    src = torch.cat([keep_idx, torch.full((k,), -1, dtype=torch.int64, device=keep_idx.device)])
+    new_lin, order = torch.sort(new_lin)
+    src = src[order]
+    if new_lin.numel() > 1 and bool((new_lin[1:] == new_lin[:-1]).any()):
+        raise ValueError("grow contains a position that is still active (or repeats one)")
+    rows = new_lin // C
+    counts = torch.bincount(rows, minlength=R)
+    topo.row_offsets[0] = 0
+    topo.row_offsets[1:].copy_(torch.cumsum(counts, 0))
+    topo.col_indices.copy_(new_lin % C)
+    values = topo.values.data
+    new_values = torch.zeros_like(values)
+    kept = src >= 0
+    new_values[kept] = values[src[kept]]
+    values.copy_(new_values)
+    t_offsets, t_indices, t_perm = transpose_metadata(topo.row_offsets, topo.col_indices, C)
+    topo.t_offsets.copy_(t_offsets)
+    topo.t_indices.copy_(t_indices)
+    topo.t_perm.copy_(t_perm)
+    return src
+
+
+@torch.no_grad()
+def permute_like_values(t: torch.Tensor, src: torch.Tensor) -> None:
+    """Reorder a values-shaped tensor in place by ``src`` (from :func:`update_topology`); -1 -> 0."""
+    new = torch.zeros_like(t)
+    kept = src >= 0
+    new[kept] = t[src[kept]]
+    t.copy_(new)
+
+
+def permute_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, src: torch.Tensor) -> int:
+    """Move every per-value slot of ``param``'s optimizer state with its value (grown: zero).
+
+    Any tensor in ``optimizer.state[param]`` with the parameter's shape is moved
+    (SGD ``momentum_buffer``, Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``, ...); scalars such as ``step`` are left alone. Returns the
+    number of tensors moved.
+    """
+    moved = 0
+    for value in optimizer.state.get(param, {}).values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            permute_like_values(value, src)
+            moved += 1
+    return moved
