@@ -259,3 +259,57 @@ def test_bad_configuration_is_named():
         sk.dst.SET(mlp(), opt, 10)
     with pytest.raises(ValueError, match="does not hold"):
         sk.dst.SET(model, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), 10)
+
+
+# ------------------------------------------------- masked-dense reference
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.conv2(self.conv1(x).relu()).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_sparse_engine_and_masked_dense_reference_choose_identical_topologies(method, arch):
+    import copy
+
+    from sparsekern.dst.reference import MaskedDenseDST
+    torch.manual_seed(0)
+    dense = (mlp((12, 40, 40, 5)) if arch == "mlp" else SmallCNN()).double()
+    shape = (16, 12) if arch == "mlp" else (6, 3, 8, 8)
+    ref_model = copy.deepcopy(dense)
+    sparse_model = copy.deepcopy(dense)
+    sk.sparsify(sparse_model, 0.3, "erk", init="dense", generator=torch.Generator().manual_seed(1))
+    layers = {n: m for n, m in sparse_model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
+    masks = {n: m.weight.mask() for n, m in layers.items()}
+    kw = dict(total_steps=40, update_every=4, drop_fraction=0.3, stop_at=0.75, seed=5)
+    opt_s = torch.optim.SGD(sparse_model.parameters(), lr=0.05, momentum=0.9)
+    opt_r = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9)
+    engine = (sk.dst.SET if method == "set" else sk.dst.RigL)(sparse_model, opt_s, **kw)
+    ref = MaskedDenseDST(ref_model, opt_r, masks, method=method, **kw)
+    g = torch.Generator().manual_seed(2)
+    updates = 0
+    for _ in range(40):
+        x = torch.randn(*shape, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 5, (shape[0],), generator=g)
+        for model, opt in ((sparse_model, opt_s), (ref_model, opt_r)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        up_s, up_r = engine.step(), ref.step()
+        assert up_s == up_r
+        if up_s:
+            updates += 1
+            for n, m in layers.items():
+                assert torch.equal(m.weight.mask(), ref.masks[n]), f"{n}: topologies differ at update {updates}"
+    assert updates >= 5
+    assert any(not torch.equal(m.weight.mask(), masks[n]) for n, m in layers.items())   # it did rewire
+    mods = dict(ref_model.named_modules())
+    for n, m in layers.items():
+        torch.testing.assert_close(m.weight.to_dense(), mods[n].weight.detach().reshape(m.weight.shape))

@@ -46,6 +46,30 @@ from sparsekern.nn import SparseConv2d, SparseLinear
 SCHEDULES = ("cosine", "constant")
 
 
+def scheduled_fraction(step: int, total_steps: int, drop_fraction: float, schedule: str, stop_at: float) -> float:
+    """Fraction of nnz rewired at ``step``: cosine decay (or constant) to ``stop_at * total_steps``, then 0."""
+    end = stop_at * total_steps
+    if step > end:
+        return 0.0
+    if schedule == "constant":
+        return drop_fraction
+    return drop_fraction / 2 * (1 + math.cos(math.pi * step / end))
+
+
+def is_update(step: int, update_every: int, total_steps: int, stop_at: float) -> bool:
+    return step > 0 and step % update_every == 0 and step <= stop_at * total_steps
+
+
+def pick_drop(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k smallest magnitudes (stable: earlier storage order first)."""
+    return torch.sort(magnitude, stable=True).indices[:k]
+
+
+def pick_grow(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k candidates with the largest scores (stable: earlier position first)."""
+    return candidates[torch.sort(scores, descending=True, stable=True).indices[:k]]
+
+
 class DSTEngine:
     """Base class: schedule, layer bookkeeping, drop, in-place rebuild, diagnostics.
 
@@ -96,15 +120,10 @@ class DSTEngine:
     # ------------------------------------------------------------ schedule
     def fraction_at(self, step: int) -> float:
         """Fraction of nnz rewired at ``step`` (0 after stop_at)."""
-        end = self.stop_at * self.total_steps
-        if step > end:
-            return 0.0
-        if self.schedule == "constant":
-            return self.drop_fraction
-        return self.drop_fraction / 2 * (1 + math.cos(math.pi * step / end))
+        return scheduled_fraction(step, self.total_steps, self.drop_fraction, self.schedule, self.stop_at)
 
     def is_update_step(self, step: int) -> bool:
-        return step > 0 and step % self.update_every == 0 and step <= self.stop_at * self.total_steps
+        return is_update(step, self.update_every, self.total_steps, self.stop_at)
 
     # ---------------------------------------------------------------- step
     def step(self) -> bool:
@@ -129,15 +148,14 @@ class DSTEngine:
                 record["layers"][name] = {"pruned": 0, "grown": 0, "regrown": 0}
                 continue
             magnitude = topo.values.detach().reshape(nnzb, -1).norm(dim=1).cpu()
-            drop_idx = torch.sort(magnitude, stable=True).indices[:k]
             drop = torch.zeros(nnzb, dtype=torch.bool)
-            drop[drop_idx] = True
+            drop[pick_drop(magnitude, k)] = True
             lin = active_positions(topo).cpu()
             free = torch.ones(R * C, dtype=torch.bool)
             free[lin[~drop]] = False
             candidates = torch.nonzero(free).flatten()
             scores = self.grow_scores(name, m, candidates)
-            grow = candidates[torch.sort(scores, descending=True, stable=True).indices[:k]]
+            grow = pick_grow(candidates, scores, k)
             regrown = int(torch.isin(grow, lin[drop]).sum())
             src = update_topology(topo, drop.to(topo.values.device), grow.to(topo.values.device))
             permute_optimizer_state(self.optimizer, topo.values, src)
@@ -282,5 +300,9 @@ class RigL(DSTEngine):
         b = module.weight.block_size
         R, C = g.shape[0] // b, g.shape[1] // b
         block = g.reshape(R, b, C, b).pow(2).sum((1, 3)).sqrt().flatten().cpu()
-        # tiny random jitter below the gradient's resolution only to order exact ties
-        return block[candidates].double() + self._random(candidates.numel()).double() * 1e-30
+        return rigl_scores(block[candidates], self._random(candidates.numel()))
+
+
+def rigl_scores(grad_magnitude: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """|gradient| plus a random jitter far below its resolution, only to order exact ties."""
+    return grad_magnitude.double() + noise.double() * 1e-30
