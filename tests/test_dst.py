@@ -240,6 +240,9 @@ def test_engine_state_dict_round_trip_and_refusals():
     bad = dict(state, ever_active={"0": torch.zeros(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="layers"):
         other.load_state_dict(bad)
+    wrong_nnz = {**state, "layers": {**state["layers"], "0": {**state["layers"]["0"], "nnz": 1}}}
+    with pytest.raises(ValueError, match=r"does not match the model's sparse layers \['0'\]"):
+        other.load_state_dict(wrong_nnz)
     assert other.step_count == 12                      # unchanged by the refusal
 
 
@@ -313,3 +316,24 @@ def test_sparse_engine_and_masked_dense_reference_choose_identical_topologies(me
     mods = dict(ref_model.named_modules())
     for n, m in layers.items():
         torch.testing.assert_close(m.weight.to_dense(), mods[n].weight.detach().reshape(m.weight.shape))
+
+
+@pytest.mark.parametrize("n,k", [(100, 7), (300_000, 1000), (300_000, 50_000), (200_000, 0)])
+def test_top_k_stable_equals_a_full_stable_sort(n, k):
+    from sparsekern.dst.engine import top_k_stable
+    g = torch.Generator().manual_seed(n + k)
+    scores = torch.randint(0, 50, (n,), generator=g).float()        # many exact ties
+    scores[torch.randperm(n, generator=g)[: n // 3]] = -float("inf")
+    want = torch.sort(scores, descending=True, stable=True).indices[:k]
+    assert torch.equal(top_k_stable(scores, k), torch.sort(want).values)
+
+
+def test_sample_free_draws_distinct_free_positions_reproducibly():
+    from sparsekern.dst.engine import sample_free
+    free = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) < 0.7
+    a = sample_free(free, 3000, torch.Generator().manual_seed(4))
+    b = sample_free(free, 3000, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and a.numel() == 3000 == torch.unique(a).numel()
+    assert bool(free[a].all())
+    with pytest.raises(ValueError, match="free positions"):
+        sample_free(free, int(free.sum()) + 1, torch.Generator().manual_seed(0))

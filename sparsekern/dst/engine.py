@@ -35,6 +35,7 @@ same decision.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +61,60 @@ def is_update(step: int, update_every: int, total_steps: int, stop_at: float) ->
     return step > 0 and step % update_every == 0 and step <= stop_at * total_steps
 
 
+def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (ascending) of the k largest entries of a 1-D ``scores``, exact ties going to the
+    lower position: the same set as the first k of a stable descending sort, without sorting.
+
+    A strided sample bounds the k-th largest value from below; among the entries above
+    that bound, ``kthvalue`` finds it exactly. (4096x4096 layer, k = 3% of it: 2.2 s for
+    the full stable sort, a few tens of ms here.)
+    """
+    n = scores.numel()
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    if k >= n:
+        return torch.arange(n)
+    idx = None
+    if n > (1 << 16):
+        sample = torch.sort(scores[:: n // (1 << 15)], descending=True).values
+        j = min(sample.numel() - 1, int(sample.numel() * k / n * 1.2) + 64)
+        idx = torch.nonzero(scores >= sample[j]).flatten()
+        if idx.numel() < k:
+            idx = None
+    if idx is None:
+        idx = torch.arange(n)
+    vals = scores[idx]
+    v = torch.kthvalue(vals, vals.numel() - k + 1).values          # the k-th largest
+    above = idx[vals > v]
+    tied = idx[vals == v][: k - above.numel()]
+    return torch.sort(torch.cat([above, tied])).values
+
+
 def pick_drop(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k smallest magnitudes (stable: earlier storage order first)."""
-    return torch.sort(magnitude, stable=True).indices[:k]
+    return top_k_stable(-magnitude, k)
 
 
-def pick_grow(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k candidates with the largest scores (stable: earlier position first)."""
-    return candidates[torch.sort(scores, descending=True, stable=True).indices[:k]]
+def sample_free(free: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k distinct positions drawn uniformly from the True entries of the bool [n] ``free``
+    (rejection sampling in draw order, so it is cheap when most positions are free)."""
+    n = free.numel()
+    avail = free.clone()
+    out = []
+    need = k
+    while need > 0:
+        if not bool(avail.any()):
+            raise ValueError(f"only {k - need} free positions for {k} growths")
+        draw = torch.randint(n, (max(2 * need, 64),), generator=generator)
+        draw = draw[avail[draw]]
+        uniq, inv = torch.unique(draw, return_inverse=True)
+        first = torch.full((uniq.numel(),), draw.numel(), dtype=torch.int64)
+        first.scatter_reduce_(0, inv, torch.arange(draw.numel()), "amin")
+        take = draw[torch.sort(first).values][:need]
+        avail[take] = False
+        out.append(take)
+        need -= take.numel()
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
 class DSTEngine:
@@ -140,6 +187,7 @@ class DSTEngine:
     def _update(self, fraction: float) -> None:
         record = {"step": self.step_count, "fraction": fraction, "layers": {}}
         for name, m in self.layers:
+            t0 = time.perf_counter()
             topo = m.weight
             nnzb = topo.values.shape[0]
             R, C = topo.shape[0] // topo.block_size, topo.shape[1] // topo.block_size
@@ -147,29 +195,26 @@ class DSTEngine:
             if k == 0:
                 record["layers"][name] = {"pruned": 0, "grown": 0, "regrown": 0}
                 continue
-            magnitude = topo.values.detach().reshape(nnzb, -1).norm(dim=1).cpu()
+            values = topo.values.detach()
+            magnitude = values.abs() if values.dim() == 1 else values.reshape(nnzb, -1).norm(dim=1)
             drop = torch.zeros(nnzb, dtype=torch.bool)
-            drop[pick_drop(magnitude, k)] = True
-            lin = active_positions(topo).cpu()
-            free = torch.ones(R * C, dtype=torch.bool)
-            free[lin[~drop]] = False
-            candidates = torch.nonzero(free).flatten()
-            scores = self.grow_scores(name, m, candidates)
-            grow = pick_grow(candidates, scores, k)
-            regrown = int(torch.isin(grow, lin[drop]).sum())
+            drop[pick_drop(magnitude.cpu(), k)] = True
+            lin = active_positions(topo).cpu()                      # ascending
+            grow = self.grow_positions(name, m, lin[~drop], R * C, k)
+            dropped = lin[drop]                                     # ascending
+            at = torch.searchsorted(dropped, grow).clamp_(max=dropped.numel() - 1)
+            regrown = int((dropped[at] == grow).sum())
             src = update_topology(topo, drop.to(topo.values.device), grow.to(topo.values.device))
             permute_optimizer_state(self.optimizer, topo.values, src)
             self.ever_active[name][grow] = True
-            record["layers"][name] = {"pruned": k, "grown": k, "regrown": regrown}
+            record["layers"][name] = {"pruned": k, "grown": k, "regrown": regrown,
+                                      "ms": (time.perf_counter() - t0) * 1e3}
         self.history.append(record)
         self._disarm()
 
-    def grow_scores(self, name: str, module: nn.Module, candidates: torch.Tensor) -> torch.Tensor:
-        """float [len(candidates)] score of each free block position (higher grows first)."""
+    def grow_positions(self, name: str, module: nn.Module, kept: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """int64 [k] block positions in [0, n) to grow, none of them in ``kept`` (int64, ascending)."""
         raise NotImplementedError
-
-    def _random(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator)
 
     # -------------------------------------------------- gradient capture
     def _needs_gradient(self) -> bool:
@@ -246,15 +291,24 @@ class DSTEngine:
         return {"step": self.step_count, "rng": self.generator.get_state(),
                 "ever_active": {n: v.clone() for n, v in self.ever_active.items()},
                 "history": list(self.history),
+                "layers": {n: {"shape": list(m.weight.shape), "block_size": m.weight.block_size,
+                               "nnz": m.weight.nnz} for n, m in self.layers},
                 "config": {"total_steps": self.total_steps, "update_every": self.update_every,
                            "drop_fraction": self.drop_fraction, "schedule": self.schedule,
                            "stop_at": self.stop_at, "method": type(self).__name__}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore step, schedule position, RNG and diagnostics; refuses a mismatched state unchanged."""
-        for key in ("step", "rng", "ever_active", "history", "config"):
+        for key in ("step", "rng", "ever_active", "history", "config", "layers"):
             if key not in state:
                 raise ValueError(f"DST state is missing {key!r}")
+        here = {n: {"shape": list(m.weight.shape), "block_size": m.weight.block_size, "nnz": m.weight.nnz}
+                for n, m in self.layers}
+        if state["layers"] != here:
+            diff = [n for n in sorted(set(here) | set(state["layers"])) if here.get(n) != state["layers"].get(n)]
+            raise ValueError(f"DST state does not match the model's sparse layers {diff}: state has "
+                             f"{[state['layers'].get(n) for n in diff]}, the model has {[here.get(n) for n in diff]} "
+                             f"(load the model's state_dict first)")
         if state["config"].get("method") != type(self).__name__:
             raise ValueError(f"DST state is for {state['config'].get('method')}, not {type(self).__name__}")
         ever = state["ever_active"]
@@ -282,27 +336,30 @@ class Static(DSTEngine):
 class SET(DSTEngine):
     """Sparse Evolutionary Training (Mocanu et al., 2018): drop by magnitude, grow at random."""
 
-    def grow_scores(self, name, module, candidates):
-        return self._random(candidates.numel())
+    def grow_positions(self, name, module, kept, n, k):
+        free = torch.ones(n, dtype=torch.bool)
+        free[kept] = False
+        return sample_free(free, k, self.generator)
 
 
 class RigL(DSTEngine):
-    """Rigging the Lottery (Evci et al., 2020): drop by magnitude, grow by largest |dense gradient|.
-
-    Ties in the gradient (e.g. all zero) are broken by the engine's random stream.
+    """Rigging the Lottery (Evci et al., 2020): drop by magnitude, grow by largest |dense gradient|
+    (L2 norm of the block for BSR). Exact ties go to the lower position.
     """
 
     def _needs_gradient(self) -> bool:
         return True
 
-    def grow_scores(self, name, module, candidates):
+    def grow_positions(self, name, module, kept, n, k):
         g = self.dense_gradient(name, module)
         b = module.weight.block_size
         R, C = g.shape[0] // b, g.shape[1] // b
-        block = g.reshape(R, b, C, b).pow(2).sum((1, 3)).sqrt().flatten().cpu()
-        return rigl_scores(block[candidates], self._random(candidates.numel()))
+        block = g.abs_() if b == 1 else g.reshape(R, b, C, b).pow(2).sum((1, 3)).sqrt()
+        return rigl_grow(block.flatten().cpu(), kept, k)
 
 
-def rigl_scores(grad_magnitude: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """|gradient| plus a random jitter far below its resolution, only to order exact ties."""
-    return grad_magnitude.double() + noise.double() * 1e-30
+def rigl_grow(grad_magnitude: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+    """The k positions outside ``kept`` with the largest |gradient| (ties: lower position first).
+    Overwrites ``grad_magnitude`` at the kept positions."""
+    grad_magnitude[kept] = -float("inf")
+    return top_k_stable(grad_magnitude, k)

@@ -5,7 +5,7 @@ A dense ``nn.Linear``/``nn.Conv2d`` model whose weights are multiplied by a
 rigl-torch and sparse_learning do. It makes the same choices as
 :mod:`sparsekern.dst.engine` in the same order (same schedule, stable
 magnitude drop in row-major position order, same random stream per layer, RigL
-scores from the unmasked dense gradient), so with equal data and seed both
+scores from the unmasked dense gradient, ties to the lower position), so with equal data and seed both
 must arrive at identical topologies. CSR (unstructured) layers only.
 """
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.dst.engine import (is_update, pick_drop, pick_grow, rigl_scores,
-                                   scheduled_fraction)
+from sparsekern.dst.engine import is_update, pick_drop, rigl_grow, sample_free, scheduled_fraction
 
 METHODS = ("set", "rigl")
 
@@ -74,13 +73,10 @@ class MaskedDenseDST:
                 dropped = active[pick_drop(w[active].abs().cpu(), k)]
                 keep = flat.clone()
                 keep[dropped] = False
-                candidates = torch.nonzero(~keep).flatten()
-                noise = torch.rand(candidates.numel(), generator=self.generator)
                 if self.method == "set":
-                    scores = noise
+                    grown = sample_free(~keep, k, self.generator)
                 else:
-                    scores = rigl_scores(self.dense_grad[n].flatten().abs()[candidates].cpu(), noise)
-                grown = pick_grow(candidates, scores, k)
+                    grown = rigl_grow(self.dense_grad[n].flatten().abs().cpu(), torch.nonzero(keep).flatten(), k)
                 new = keep.clone()
                 new[grown] = True
                 fresh = torch.zeros_like(flat)
