@@ -70,7 +70,13 @@ def ddp(a):
     wrapped = torch.nn.parallel.DistributedDataParallel(model)
     train(model, opt, engine, 0, TOTAL, rank=a.rank, forward=wrapped)
     dump(model, engine, a.dump)
+    dist.barrier()                  # both ranks are done before either tears gloo down
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: gloo's threads racing it made a rare worker abort with
+    # "terminate called without an active exception" after all the work was done.
+    os._exit(0)
 
 
 if __name__ == "__main__":
