@@ -337,3 +337,30 @@ def test_sample_free_draws_distinct_free_positions_reproducibly():
     assert bool(free[a].all())
     with pytest.raises(ValueError, match="free positions"):
         sample_free(free, int(free.sum()) + 1, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", [sk.dst.RigL, sk.dst.SET])
+def test_engine_on_bsr_linear_and_conv_layers(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseConv2d(8, 16, 3, padding=1, density=0.4, layout="bsr", block_size=8),
+                          nn.ReLU(), nn.Flatten(), SparseLinear(16 * 6 * 6, 16, density=0.3, layout="bsr",
+                                                                block_size=16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = method(model, opt, total_steps=40, update_every=3, drop_fraction=0.4, stop_at=1.0)
+    nnz = [m.nnz for _, m in engine.layers]
+    g = torch.Generator().manual_seed(1)
+    before = [m.weight.mask().clone() for _, m in engine.layers]
+    for _ in range(12):
+        x = torch.randn(4, 8, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 16, (4,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        engine.step()
+    assert len(engine.history) == 4
+    for (_, m), n0, m0 in zip(engine.layers, nnz, before):
+        m.weight.validate()
+        assert m.nnz == n0 and m.weight.values.shape[1:] == (m.weight.block_size,) * 2
+        state = opt.state[m.weight.values]
+        assert state["exp_avg"].shape == m.weight.values.shape
+    assert any(not torch.equal(m.weight.mask(), m0) for (_, m), m0 in zip(engine.layers, before))
