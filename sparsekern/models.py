@@ -50,6 +50,11 @@ class ResNetCifar(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+def resnet20(num_classes: int = 10, width: int = 16) -> ResNetCifar:
+    """ResNet-20 for CIFAR (3 stages of 3 basic blocks, 16-32-64 channels)."""
+    return ResNetCifar(num_classes, width, blocks=(3, 3, 3))
+
+
 def resnet18_cifar(num_classes: int = 10, width: int = 64) -> ResNetCifar:
     """ResNet-18 (2-2-2-2 basic blocks) for CIFAR-sized inputs."""
     return ResNetCifar(num_classes, width)
@@ -63,3 +68,31 @@ def mlp(sizes=(64, 256, 256, 10)) -> nn.Sequential:
         if i < len(sizes) - 2:
             mods.append(nn.ReLU())
     return nn.Sequential(*mods)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5-style CNN: conv5(6)-pool-conv5(16)-pool-fc120-fc84-fc. Input [N, C, H, W] (H, W >= 8)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+        super().__init__()
+        pad = 2 if image_size < 28 else 0
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=pad), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 120), nn.ReLU(),
+                                        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def vgg(num_classes: int = 10, cfg=(64, "M", 128, "M", 256, 256, "M", 512, 512, "M"), in_channels: int = 3):
+    """VGG-style CNN: 3x3 conv-BN-ReLU stacks ("M": 2x2 max-pool), global average pool, linear head."""
+    layers, c = [], in_channels
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU()]
+            c = v
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))

@@ -1,0 +1,148 @@
+"""Datasets for the training jobs: all local, no network.
+
+* ``digits``: scikit-learn's 1,797 scanned 8x8 handwritten digits, shipped inside the
+  scikit-learn package.
+* ``cifar10`` / ``cifar100``: the standard python-pickle archives, unpacked in a local
+  directory (``data_batch_1..5`` + ``test_batch``, or ``train`` + ``test``).
+* ``synthetic``: a wide random classification task (a random teacher network labels
+  Gaussian inputs), where layer widths are large enough for sparsity to pay.
+
+Every loader returns a :class:`Split` of float32 inputs and int64 labels, standardised
+with the training statistics, and raises :class:`DatasetError` (a ``ValueError``)
+naming what is missing or wrong.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, incomplete or corrupt (the message says which file and why)."""
+
+
+@dataclass
+class Split:
+    """x_train float32 [N, ...], y_train int64 [N], x_test, y_test, and the class count."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _standardise(x_train: np.ndarray, x_test: np.ndarray, axes) -> tuple[np.ndarray, np.ndarray]:
+    mean = x_train.mean(axis=axes, keepdims=True)
+    std = x_train.std(axis=axes, keepdims=True) + 1e-6
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    if not 0.0 < test_fraction < 1.0:
+        raise DatasetError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    return x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]]
+
+
+def _to_split(xtr, ytr, xte, yte, classes) -> Split:
+    t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dt)  # noqa: E731
+    return Split(t(xtr, torch.float32), t(ytr, torch.int64), t(xte, torch.float32), t(yte, torch.int64), classes)
+
+
+def load_digits(image: bool = False, test_fraction: float = 0.25, seed: int = 0) -> Split:
+    """scikit-learn's digits: [N, 64] (or [N, 1, 8, 8] with ``image``), 10 classes."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError as exc:  # pragma: no cover - environment message
+        raise DatasetError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from exc
+    d = sk_digits()
+    x, y = d.data.astype(np.float32), d.target.astype(np.int64)
+    xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)
+    xtr, xte = _standardise(xtr, xte, axes=None)
+    if image:
+        xtr, xte = xtr.reshape(-1, 1, 8, 8), xte.reshape(-1, 1, 8, 8)
+    return _to_split(xtr, ytr, xte, yte, 10)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is not a readable CIFAR python-pickle batch ({exc})") from None
+
+
+def _cifar_arrays(batch: dict, path: Path, label_key: str):
+    if "data" not in batch or label_key not in batch:
+        raise DatasetError(f"{path} has no 'data'/'{label_key}' entries; is it a CIFAR python batch?")
+    x = np.asarray(batch["data"], dtype=np.float32)
+    y = np.asarray(batch[label_key], dtype=np.int64)
+    if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or len(x) != len(y):
+        raise DatasetError(f"{path}: data has shape {x.shape} with {len(y)} labels; expected [N, 3072] and N labels")
+    return x.reshape(-1, 3, 32, 32) / 255.0, y
+
+
+def load_cifar(root, num_classes: int = 10) -> Split:
+    """CIFAR-10/100 from a local directory in the python-pickle format: [N, 3, 32, 32]."""
+    if num_classes not in (10, 100):
+        raise DatasetError(f"num_classes must be 10 or 100, got {num_classes}")
+    root = Path(root)
+    if num_classes == 10:
+        train_files, test_files, label_key = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"
+    else:
+        train_files, test_files, label_key = ["train"], ["test"], "fine_labels"
+    archive = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    if not root.is_dir():
+        raise DatasetError(f"CIFAR-{num_classes} directory {root} does not exist; unpack the python version "
+                           f"of the dataset ({archive}) there. There is no download: the machine is offline.")
+    if not (root / train_files[0]).exists() and (root / archive).is_dir():
+        root = root / archive
+    missing = [f for f in train_files + test_files if not (root / f).is_file()]
+    if missing:
+        raise DatasetError(f"CIFAR-{num_classes} directory {root} lacks {missing}; expected "
+                           f"{train_files + test_files} (the python-pickle archive {archive})")
+    parts = [_cifar_arrays(_unpickle(root / f), root / f, label_key) for f in train_files]
+    test = [_cifar_arrays(_unpickle(root / f), root / f, label_key) for f in test_files]
+    xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    xte, yte = np.concatenate([p[0] for p in test]), np.concatenate([p[1] for p in test])
+    if ytr.min() < 0 or ytr.max() >= num_classes:
+        raise DatasetError(f"{root}: labels span [{ytr.min()}, {ytr.max()}], expected [0, {num_classes})")
+    xtr, xte = _standardise(xtr, xte, axes=(0, 2, 3))
+    return _to_split(xtr, ytr, xte, yte, num_classes)
+
+
+def make_synthetic(n_train: int = 8192, n_test: int = 2048, dim: int = 1024, num_classes: int = 10,
+                   seed: int = 0) -> Split:
+    """Gaussian inputs [N, dim] labelled by a random two-layer teacher (learnable, not separable)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, dim, generator=g)
+    w1 = torch.randn(dim, 256, generator=g) / dim ** 0.5
+    w2 = torch.randn(256, num_classes, generator=g) / 16.0
+    y = (torch.tanh(x @ w1) @ w2).argmax(1)
+    return Split(x[:n_train].contiguous(), y[:n_train].contiguous(), x[n_train:].contiguous(),
+                 y[n_train:].contiguous(), num_classes)
+
+
+def load(name: str, root=None, **kwargs) -> Split:
+    """By name: "digits" (kwargs: image, test_fraction, seed), "cifar10"/"cifar100" (root),
+    "synthetic" (kwargs: n_train, n_test, dim, num_classes, seed)."""
+    if name == "digits":
+        return load_digits(**kwargs)
+    if name in ("cifar10", "cifar100"):
+        if root is None:
+            raise DatasetError(f"{name} needs a data directory (root=...)")
+        return load_cifar(root, 10 if name == "cifar10" else 100)
+    if name == "synthetic":
+        return make_synthetic(**kwargs)
+    raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")
