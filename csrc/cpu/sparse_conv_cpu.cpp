@@ -15,11 +15,13 @@
 // row; the slack of one band width after the last image keeps them in bounds.
 // The launchers check every index they turn into an offset.
 //
-// Work split: output planes (rows of W, or of W^T for dX) are cut into one
-// chunk per thread with about equal nonzeros; each thread walks the images in
-// order, so one image's buffer stays in its L2. dW writes each value's slot
-// from one thread in a fixed order, so it is deterministic. dX for stride > 1
-// scatters, split by image.
+// Work split (run_bands): with at least two images per thread, threads split
+// the images; each pads its image into a private buffer that stays in its L2
+// while every output plane runs over it, and dW sums per-thread partials in
+// thread order. With fewer images, threads split the output planes (rows of W,
+// or of W^T for dX) with about equal nonzeros over one shared padded copy, and
+// each dW slot is written by one thread. Both are deterministic for a given
+// thread count. dX for stride > 1 scatters, split by image.
 #include <omp.h>
 
 #include <ATen/ATen.h>
