@@ -75,7 +75,9 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest"],
         "bench": ["matplotlib", "pytest-benchmark"],
+        "train": ["scikit-learn", "matplotlib"],
     },
+    entry_points={"console_scripts": ["sparsekern-train = sparsekern.train:main"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
