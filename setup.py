@@ -75,7 +75,7 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "expecttest"],
         "bench": ["matplotlib", "pytest-benchmark"],
-        "train": ["scikit-learn", "matplotlib"],
+        "train": ["scikit-learn", "matplotlib", "pyyaml"],
     },
     entry_points={"console_scripts": ["sparsekern-train = sparsekern.train:main"]},
     ext_modules=extensions(),

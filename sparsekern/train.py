@@ -1,20 +1,27 @@
-"""Train a genuinely sparse network end to end and compare it with dense (work in progress).
+"""Train a genuinely sparse network end to end and compare it with dense.
 
     python -m sparsekern.train --method rigl --density 0.1 --epochs 10
+    python -m sparsekern.train --config run.toml --epochs 20      # flags override the file
+    python -m sparsekern.train --resume runs/latest/checkpoint.pt
 
 Trains the chosen method and, unless ``--no-baseline``, the same model dense on the
 same data, then prints a side-by-side table (accuracy, NLL, ECE, nonzero parameters
-and bytes, FLOPs from the real nonzeros, time per step) and writes ``results.json``
-in ``--out``. Datasets are local (see :mod:`sparsekern.data`). Not yet here (issue 5):
-config files, plots, checkpoints/resume, the tickets methods.
+and bytes, FLOPs from the real nonzeros, time per step), writes ``results.json`` and
+PNG plots in ``--out``, and a checkpoint (model, optimizer, LR schedule, DST engine,
+RNG) every ``--checkpoint-every`` epochs, at the end, and on Ctrl-C. ``--resume``
+continues a run exactly where its checkpoint stopped. Datasets are local (see
+:mod:`sparsekern.data`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import time
+import tomllib
 from pathlib import Path
 
 import torch
@@ -54,7 +61,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the dense baseline run")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="results directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--config", type=Path, help="TOML or YAML file of options (flag names); flags override it")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="epochs between checkpoints (0: end only)")
+    p.add_argument("--resume", type=Path, help="checkpoint to continue from (the run's options come with it)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop after this many steps of the method's run, with a checkpoint (0: never)")
     return p
+
+
+def load_config(path: Path) -> dict:
+    """Options from a TOML/YAML file, keys as flag names (dashes or underscores)."""
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".toml":
+            cfg = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+            cfg = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise UsageError(f"config file {path} must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise UsageError(f"config file {path} is not valid: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError
+        raise UsageError(f"config file {path} is not valid: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"config file {path} must hold a table of options")
+    return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
+def parse_args(argv=None):
+    """Flags over config file over defaults."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.config is not None:
+        cfg = load_config(a.config)
+        known = {act.dest for act in parser._actions}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise UsageError(f"config file {a.config} has unknown options {unknown}")
+        for key in ("out", "data_dir", "resume"):
+            if key in cfg and cfg[key] is not None:
+                cfg[key] = Path(cfg[key]) if key != "data_dir" else cfg[key]
+        parser.set_defaults(**cfg)
+        a = parser.parse_args(argv)
+    return a
 
 
 class UsageError(ValueError):
@@ -109,8 +161,16 @@ def param_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def train_one(a, split, method: str) -> dict:
-    """Train ``method`` on ``split``; returns metrics, FLOPs and timings."""
+class Interrupted(Exception):
+    """Training stopped early (Ctrl-C or --stop-after) after saving a checkpoint."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{why}: checkpoint saved to {path}; continue with --resume {path}")
+        self.path = path
+
+
+def train_one(a, split, method: str, resume: dict | None = None) -> dict:
+    """Train ``method`` on ``split`` (continuing ``resume`` if given); returns metrics, FLOPs, timings."""
     torch.manual_seed(a.seed)
     model = make_model(a.model, split.input_shape, split.num_classes, a.width)
     engine = None
@@ -129,40 +189,142 @@ def train_one(a, split, method: str) -> dict:
                      drop_fraction=a.drop_fraction, seed=a.seed)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     g = torch.Generator().manual_seed(a.seed)
-    history, step_times = [], []
-    bar = tqdm(range(a.epochs), desc=f"{method}", disable=a.quiet, unit="epoch")
-    for epoch in bar:
-        order = torch.randperm(len(split.x_train), generator=g)
-        loss_sum = 0.0
-        for i in range(steps_per_epoch):
-            idx = order[i * a.batch_size:(i + 1) * a.batch_size]
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-            loss.backward()
-            opt.step()
+    history, step_times, density_log = [], [], []
+    start_epoch, start_step, order = 0, 0, None
+    partial = (0.0, 0)        # (loss sum, steps) of an epoch cut by a checkpoint
+    if resume is not None:
+        try:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
             if engine is not None:
-                engine.step()
-            sched.step()
-            step_times.append(time.perf_counter() - t0)
-            loss_sum += loss.item()
+                engine.load_state_dict(resume["dst"])
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise UsageError(f"checkpoint does not fit this run ({method}): {exc}") from None
+        g.set_state(resume["data_rng"])
+        torch.set_rng_state(resume["torch_rng"])
+        history, step_times, density_log = resume["history"], resume["step_times"], resume["density_log"]
+        start_epoch, start_step, order = resume["epoch"], resume["step"], resume["order"]
+        partial = tuple(resume.get("epoch_loss", (0.0, 0)))
+    ckpt = a.out / f"checkpoint_{method}.pt"
+
+    def save(epoch, step, order, epoch_loss=(0.0, 0)):
+        a.out.mkdir(parents=True, exist_ok=True)
+        torch.save({"version": 1, "args": vars(a), "method": method, "epoch": epoch, "step": step,
+                    "order": order, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "dst": engine.state_dict() if engine else None,
+                    "data_rng": g.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                    "step_times": step_times, "density_log": density_log, "epoch_loss": epoch_loss}, ckpt)
+
+    # Ctrl-C asks for a stop at the next step boundary, so the checkpoint is exact.
+    stop = {"requested": False}
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("requested", True))
+    try:
+        return _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_times, density_log,
+                             start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_times, density_log,
+                  start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt):
+    bar = tqdm(range(start_epoch, a.epochs), desc=f"{method}", disable=a.quiet, unit="epoch",
+               initial=start_epoch, total=a.epochs)
+    for epoch in bar:
+        if order is None:
+            order = torch.randperm(len(split.x_train), generator=g)
+        loss_sum, done = partial
+        partial = (0.0, 0)
+        i = start_step
+        try:
+            for i in range(start_step, steps_per_epoch):
+                if a.stop_after and len(step_times) >= a.stop_after:
+                    save(epoch, i, order, (loss_sum, done))
+                    raise Interrupted(ckpt, f"stopped after {a.stop_after} steps")
+                if stop["requested"]:
+                    save(epoch, i, order, (loss_sum, done))
+                    raise Interrupted(ckpt, "interrupted")
+                idx = order[i * a.batch_size:(i + 1) * a.batch_size]
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+                loss.backward()
+                opt.step()
+                if engine is not None and engine.step():
+                    density_log.append({"step": engine.step_count, "itop_rate": engine.itop_rate()})
+                sched.step()
+                step_times.append(time.perf_counter() - t0)
+                loss_sum += loss.item()
+                done += 1
+        except KeyboardInterrupt:
+            save(epoch, i, order, (loss_sum, done))
+            raise Interrupted(ckpt, "interrupted") from None
+        start_step, order = 0, None
         metrics = evaluate(model, split.x_test, split.y_test)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, **metrics})
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(done, 1), **metrics})
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
                         ms_step=f"{1e3 * sum(step_times[-steps_per_epoch:]) / steps_per_epoch:.1f}")
+        if a.checkpoint_every and (epoch + 1) % a.checkpoint_every == 0:
+            save(epoch + 1, 0, None)
+    save(a.epochs, 0, None)
     flops = count_flops(model, split.x_test[:1])
     nnz = sum(m.nnz if isinstance(m, (sk.SparseLinear, sk.SparseConv2d)) else m.weight.numel()
               for m in model.modules() if isinstance(m, (sk.SparseLinear, sk.SparseConv2d,
                                                          torch.nn.Linear, torch.nn.Conv2d)))
-    steady = sorted(step_times)[: max(1, len(step_times) // 2)]    # lower half: steady-state steps
+    layers = {n: m.density for n, m in model.named_modules() if isinstance(m, (sk.SparseLinear, sk.SparseConv2d))}
     return {"method": method, "final": history[-1], "history": history, "weights_nnz": nnz,
             "param_bytes": param_bytes(model), "inference_flops": flops.inference(),
             "train_flops_per_example": flops.training_step(a.update_every if method == "rigl" else None),
             "ms_per_step": 1e3 * sum(step_times) / len(step_times),
             "ms_per_step_median": 1e3 * sorted(step_times)[len(step_times) // 2],
-            "ms_per_step_steady": 1e3 * sum(steady) / len(steady),
+            "step_times_ms": [1e3 * t for t in step_times],
             "total_s": sum(step_times), "itop_rate": engine.itop_rate() if engine else None,
-            "sparsity_report": report.to_dict() if report else None}
+            "itop_log": density_log, "layer_density": layers,
+            "sparsity_report": report.to_dict() if report else None,
+            "state_digest": float(sum(p.double().sum() for p in model.parameters()))}
+
+
+def plot(runs: list[dict], out: Path) -> list[Path]:
+    """Loss/accuracy curves, per-layer density, ITOP rate and step times, as PNGs in ``out``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        ep = [h["epoch"] for h in r["history"]]
+        ax[0].plot(ep, [h["train_loss"] for h in r["history"]], marker="o", label=r["method"])
+        ax[1].plot(ep, [h["accuracy"] * 100 for h in r["history"]], marker="o", label=r["method"])
+    ax[0].set(xlabel="epoch", ylabel="train loss", yscale="log")
+    ax[1].set(xlabel="epoch", ylabel="test accuracy (%)")
+    for x in ax:
+        x.legend()
+        x.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "curves.png")
+    fig.savefig(paths[-1], dpi=100)
+    sparse = next((r for r in runs if r["layer_density"]), None)
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    if sparse:
+        names = list(sparse["layer_density"])
+        ax[0].bar(range(len(names)), [sparse["layer_density"][n] for n in names])
+        ax[0].set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax[0].set(ylabel="density", title=f"per-layer density ({sparse['method']})")
+        log = sparse["itop_log"]
+        ax[1].plot([e["step"] for e in log], [e["itop_rate"] for e in log], marker="o")
+        ax[1].set(xlabel="step", ylabel="fraction of positions ever active", title="in-time over-parameterisation")
+    for r in runs:
+        ax[2].plot(r["step_times_ms"], lw=0.6, label=r["method"])
+    ax[2].set(xlabel="step", ylabel="ms", yscale="log", title="step time")
+    ax[2].legend()
+    fig.tight_layout()
+    paths.append(out / "sparsity.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close("all")
+    return paths
 
 
 def table(runs: list[dict]) -> str:
@@ -188,25 +350,52 @@ def table(runs: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
     try:
+        a = parse_args(argv)
+        resume = None
+        if a.resume is not None:
+            resume = load_checkpoint(a.resume)
+            saved = dict(resume["args"])
+            for key in ("quiet", "stop_after", "resume", "no_plots"):
+                saved[key] = getattr(a, key)
+            a = argparse.Namespace(**saved)
         check_args(a)
         if a.threads:
             torch.set_num_threads(a.threads)
         kwargs = {"image": a.model != "mlp"} if a.dataset == "digits" else {}
         split = datasets.load(a.dataset, root=a.data_dir, **kwargs)
-        runs = [train_one(a, split, a.method)]
+        first = resume["method"] if resume else a.method
+        runs = [train_one(a, split, a.method, resume if first == a.method else None)]
         if not a.no_baseline and a.method != "dense":
-            runs.append(train_one(a, split, "dense"))
+            runs.append(train_one(a, split, "dense", resume if first == "dense" else None))
     except (UsageError, datasets.DatasetError) as exc:
         print(f"sparsekern-train: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"sparsekern-train: {exc}", file=sys.stderr)
+        return 130
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
                                                     "runs": runs}, indent=1))
     print(table(runs))
-    print(f"wrote {a.out / 'results.json'}")
+    written = [a.out / "results.json"] + ([] if a.no_plots else plot(runs, a.out))
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        ck = torch.load(path, weights_only=False)
+    except Exception as exc:
+        raise UsageError(f"checkpoint {path} is not readable: {exc}") from None
+    need = {"version", "args", "method", "epoch", "step", "model", "optimizer", "scheduler", "dst",
+            "data_rng", "torch_rng", "history", "step_times", "density_log", "order"}
+    if not isinstance(ck, dict) or not need <= set(ck):
+        missing = sorted(need - set(ck)) if isinstance(ck, dict) else "everything"
+        raise UsageError(f"checkpoint {path} is not a sparsekern-train checkpoint (missing {missing})")
+    return ck
 
 
 if __name__ == "__main__":
