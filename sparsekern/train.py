@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=1024, help="hidden width of the MLP")
     p.add_argument("--dataset", default="digits", help=f"one of {datasets.DATASETS}")
     p.add_argument("--data-dir", help="directory of the CIFAR python pickles")
-    p.add_argument("--method", default="rigl", help=f"one of {METHODS}")
+    p.add_argument("--method", default="rigl", help=(
+        "dense: plain nn.Linear/nn.Conv2d; static: a fixed random sparse topology; "
+        "set: drop smallest, regrow at random (--update-every, --drop-fraction); "
+        "rigl: drop smallest, regrow by largest dense gradient (same options)"))
     p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept, in (0, 1]")
     p.add_argument("--distribution", default="erk", choices=("uniform", "er", "erk"))
     p.add_argument("--init", default="fanin", choices=("dense", "fanin"))
@@ -54,11 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-fraction", type=float, default=0.3)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="SGD is Nesterov, momentum 0.9")
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant", "step"),
+                   help="step: x0.1 at 50%% and 75%% of training")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: cuda when available; the sparse kernels run on the CPU for now")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-baseline", action="store_true", help="skip the dense baseline run")
+    p.add_argument("--baseline", default="run", choices=("run", "cache", "skip"),
+                   help="the dense baseline: train it, reuse a cached earlier run with the same options, or skip")
+    p.add_argument("--no-baseline", action="store_true", help="same as --baseline skip")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="results directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--config", type=Path, help="TOML or YAML file of options (flag names); flags override it")
@@ -161,6 +170,21 @@ def param_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def training_state_bytes(model, opt) -> int:
+    """Parameters, buffers (sparse indices), gradients and optimizer state: what training keeps per weight."""
+    total = param_bytes(model)
+    total += sum(p.numel() * p.element_size() for p in model.parameters())           # gradients
+    for st in opt.state.values():
+        total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    return total
+
+
+def peak_rss_mb() -> float:
+    """Process-wide peak resident memory so far (monotone over the whole process)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class Interrupted(Exception):
     """Training stopped early (Ctrl-C or --stop-after) after saving a checkpoint."""
 
@@ -172,7 +196,7 @@ class Interrupted(Exception):
 def train_one(a, split, method: str, resume: dict | None = None) -> dict:
     """Train ``method`` on ``split`` (continuing ``resume`` if given); returns metrics, FLOPs, timings."""
     torch.manual_seed(a.seed)
-    model = make_model(a.model, split.input_shape, split.num_classes, a.width)
+    model = make_model(a.model, split.input_shape, split.num_classes, a.width).to(a.device)
     engine = None
     report = None
     if method != "dense":
@@ -187,7 +211,12 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
         cls = {"static": sk.dst.Static, "set": sk.dst.SET, "rigl": sk.dst.RigL}[method]
         engine = cls(model, opt, total_steps=total, update_every=a.update_every,
                      drop_fraction=a.drop_fraction, seed=a.seed)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    if a.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    elif a.lr_schedule == "step":
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [total // 2, 3 * total // 4], 0.1)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     g = torch.Generator().manual_seed(a.seed)
     history, step_times, density_log = [], [], []
     start_epoch, start_step, order = 0, 0, None
@@ -276,7 +305,8 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
                                                          torch.nn.Linear, torch.nn.Conv2d)))
     layers = {n: m.density for n, m in model.named_modules() if isinstance(m, (sk.SparseLinear, sk.SparseConv2d))}
     return {"method": method, "final": history[-1], "history": history, "weights_nnz": nnz,
-            "param_bytes": param_bytes(model), "inference_flops": flops.inference(),
+            "param_bytes": param_bytes(model), "training_state_bytes": training_state_bytes(model, opt),
+            "peak_rss_mb_so_far": peak_rss_mb(), "inference_flops": flops.inference(),
             "train_flops_per_example": flops.training_step(a.update_every if method == "rigl" else None),
             "ms_per_step": 1e3 * sum(step_times) / len(step_times),
             "ms_per_step_median": 1e3 * sorted(step_times)[len(step_times) // 2],
@@ -284,7 +314,7 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
             "total_s": sum(step_times), "itop_rate": engine.itop_rate() if engine else None,
             "itop_log": density_log, "layer_density": layers,
             "sparsity_report": report.to_dict() if report else None,
-            "state_digest": float(sum(p.double().sum() for p in model.parameters()))}
+            "state_digest": float(sum(p.detach().double().sum() for p in model.parameters()))}
 
 
 def plot(runs: list[dict], out: Path) -> list[Path]:
@@ -332,6 +362,8 @@ def table(runs: list[dict]) -> str:
             ("NLL", lambda r: f"{r['final']['nll']:.3f}"), ("ECE", lambda r: f"{r['final']['ece']:.3f}"),
             ("weights (nnz)", lambda r: f"{r['weights_nnz']:,}"),
             ("parameter bytes", lambda r: f"{r['param_bytes']:,}"),
+            ("training state bytes", lambda r: f"{r['training_state_bytes']:,}"),
+            ("peak RSS MB (process)", lambda r: f"{r['peak_rss_mb_so_far']:.0f}"),
             ("inference FLOPs/example", lambda r: f"{r['inference_flops']:,.0f}"),
             ("training FLOPs/example", lambda r: f"{r['train_flops_per_example']:,.0f}"),
             ("ms/step (median)", lambda r: f"{r['ms_per_step_median']:.2f}"),
@@ -343,9 +375,10 @@ def table(runs: list[dict]) -> str:
     if len(runs) == 2:
         s, d = runs
         lines.append(f"{'sparse / dense':26}accuracy {100 * (s['final']['accuracy'] - d['final']['accuracy']):+.2f} pts, "
-                     f"weights {s['weights_nnz'] / d['weights_nnz']:.3f}, training FLOPs "
-                     f"{s['train_flops_per_example'] / d['train_flops_per_example']:.3f}, step time "
-                     f"{d['ms_per_step_median'] / s['ms_per_step_median']:.2f}x faster")
+                     f"weights {s['weights_nnz'] / d['weights_nnz']:.3f}, training state "
+                     f"{s['training_state_bytes'] / d['training_state_bytes']:.3f}, training FLOPs "
+                     f"{s['train_flops_per_example'] / d['train_flops_per_example']:.3f}; step time: sparse is "
+                     f"{d['ms_per_step_median'] / s['ms_per_step_median']:.2f}x as fast as dense")
     return "\n".join(lines)
 
 
@@ -360,14 +393,16 @@ def main(argv=None) -> int:
                 saved[key] = getattr(a, key)
             a = argparse.Namespace(**saved)
         check_args(a)
+        a.device = resolve_device(a)
         if a.threads:
             torch.set_num_threads(a.threads)
         kwargs = {"image": a.model != "mlp"} if a.dataset == "digits" else {}
-        split = datasets.load(a.dataset, root=a.data_dir, **kwargs)
+        split = to_device(datasets.load(a.dataset, root=a.data_dir, **kwargs), a.device)
         first = resume["method"] if resume else a.method
         runs = [train_one(a, split, a.method, resume if first == a.method else None)]
-        if not a.no_baseline and a.method != "dense":
-            runs.append(train_one(a, split, "dense", resume if first == "dense" else None))
+        mode = "skip" if a.no_baseline else a.baseline
+        if mode != "skip" and a.method != "dense":
+            runs.append(dense_baseline(a, split, mode, resume if first == "dense" else None))
     except (UsageError, datasets.DatasetError) as exc:
         print(f"sparsekern-train: error: {exc}", file=sys.stderr)
         return 2
@@ -381,6 +416,45 @@ def main(argv=None) -> int:
     written = [a.out / "results.json"] + ([] if a.no_plots else plot(runs, a.out))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def resolve_device(a) -> str:
+    if a.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available (this torch: "
+                         f"{torch.__version__}); use --device cpu")
+    if a.device == "cuda" and a.method != "dense":
+        raise UsageError("--device cuda: sparsekern has no CUDA kernels yet (the GPU issues); "
+                         "run sparse methods with --device cpu")
+    return a.device
+
+
+def to_device(split, device):
+    if device == "cpu":
+        return split
+    return datasets.Split(split.x_train.to(device), split.y_train.to(device), split.x_test.to(device),
+                          split.y_test.to(device), split.num_classes)
+
+
+BASELINE_KEYS = ("model", "width", "dataset", "data_dir", "epochs", "batch_size", "optimizer", "lr",
+                 "lr_schedule", "seed", "threads", "device")
+
+
+def dense_baseline(a, split, mode: str, resume=None) -> dict:
+    """Train the dense baseline, or with mode "cache" reuse an earlier run with the same options."""
+    import hashlib
+    key = json.dumps({k: str(getattr(a, k)) for k in BASELINE_KEYS}, sort_keys=True)
+    cache = Path(a.out).parent / ".baseline_cache" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    if mode == "cache" and cache.is_file():
+        run = json.loads(cache.read_text())
+        run["cached_from"] = str(cache)
+        return run
+    run = train_one(a, split, "dense", resume)
+    if mode == "cache":
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(run))
+    return run
 
 
 def load_checkpoint(path: Path) -> dict:

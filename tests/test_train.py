@@ -154,3 +154,39 @@ def test_bad_checkpoints_are_named(tmp_path, capsys):
     assert train.main(["--resume", str(tmp_path / "partial.pt")]) == 2
     assert "not a sparsekern-train checkpoint" in capsys.readouterr().err
 
+
+
+def test_baseline_cache_is_reused(tmp_path):
+    args = ["--epochs", "1", "--width", "64", "--quiet", "--no-plots", "--baseline", "cache"]
+    assert train.main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert train.main(args + ["--out", str(tmp_path / "two")]) == 0
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["runs"][1]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["runs"][1]
+    assert "cached_from" not in one and two["cached_from"].endswith(".json")
+    assert one["final"] == two["final"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "step"])
+def test_lr_schedules_run(tmp_path, schedule):
+    assert train.main(["--epochs", "2", "--width", "64", "--lr-schedule", schedule, "--no-baseline", "--quiet",
+                       "--no-plots", "--out", str(tmp_path)]) == 0
+
+
+def test_cuda_request_is_refused_with_the_reason(tmp_path, capsys):
+    import torch
+    assert train.main(["--device", "cuda", "--method", "rigl", "--out", str(tmp_path)]) == 2
+    # without a GPU: none available; with one: the sparse kernels are CPU-only for now
+    want = "no CUDA kernels yet" if torch.cuda.is_available() else "no CUDA device"
+    assert want in capsys.readouterr().err
+
+
+def test_checkpoint_that_does_not_fit_is_named(tmp_path, capsys):
+    import torch
+    assert train.main(TINY + ["--method", "set", "--stop-after", "5", "--out", str(tmp_path)]) == 130
+    ck = tmp_path / "checkpoint_set.pt"
+    state = torch.load(ck, weights_only=False)
+    state["args"]["width"] = 80                 # the saved weights are 64 wide
+    torch.save(state, ck)
+    capsys.readouterr()
+    assert train.main(["--resume", str(ck), "--quiet"]) == 2
+    assert "checkpoint does not fit this run" in capsys.readouterr().err
