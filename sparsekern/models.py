@@ -32,9 +32,9 @@ class ResNetCifar(nn.Module):
     Input float [N, 3, H, W] -> logits [N, num_classes].
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 64, blocks=(2, 2, 2, 2)):
+    def __init__(self, num_classes: int = 10, width: int = 64, blocks=(2, 2, 2, 2), in_channels: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         layers, cin = [], width
         for i, n in enumerate(blocks):
@@ -50,9 +50,9 @@ class ResNetCifar(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def resnet20(num_classes: int = 10, width: int = 16) -> ResNetCifar:
+def resnet20(num_classes: int = 10, width: int = 16, in_channels: int = 3) -> ResNetCifar:
     """ResNet-20 for CIFAR (3 stages of 3 basic blocks, 16-32-64 channels)."""
-    return ResNetCifar(num_classes, width, blocks=(3, 3, 3))
+    return ResNetCifar(num_classes, width, blocks=(3, 3, 3), in_channels=in_channels)
 
 
 def resnet18_cifar(num_classes: int = 10, width: int = 64) -> ResNetCifar:

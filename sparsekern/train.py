@@ -33,7 +33,6 @@ from sparsekern import data as datasets
 from sparsekern.flops import count_flops
 from sparsekern.models import LeNet5, mlp, resnet20, vgg
 
-MODELS = ("mlp", "lenet5", "resnet20", "vgg")
 METHODS = ("dense", "static", "set", "rigl")
 
 
@@ -136,16 +135,44 @@ def check_args(a) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
 
 
+def _image_only(name):
+    def check(input_shape):
+        if len(input_shape) != 3:
+            raise UsageError(f"model {name!r} needs image inputs; the dataset gives shape {tuple(input_shape)}")
+    return check
+
+
+def _mlp(input_shape, classes, width):
+    n_in = int(torch.tensor(input_shape).prod())
+    return torch.nn.Sequential(torch.nn.Flatten(), *mlp((n_in, width, width, classes)))
+
+
+def _lenet5(input_shape, classes, width):
+    _image_only("lenet5")(input_shape)
+    return LeNet5(classes, input_shape[0], input_shape[1])
+
+
+def _resnet20(input_shape, classes, width):
+    _image_only("resnet20")(input_shape)
+    return resnet20(classes, in_channels=input_shape[0])
+
+
+def _vgg(input_shape, classes, width):
+    _image_only("vgg")(input_shape)
+    cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M"]
+    pools = max(0, int(math.log2(min(input_shape[1:]))) - 1)    # keep >= 2x2 before the head
+    while cfg.count("M") > pools:
+        cfg.pop(len(cfg) - 1 - cfg[::-1].index("M"))
+    return vgg(classes, cfg=tuple(cfg), in_channels=input_shape[0])
+
+
+# name -> builder(input_shape, num_classes, width) -> dense nn.Module. Add a model here.
+MODEL_BUILDERS = {"mlp": _mlp, "lenet5": _lenet5, "resnet20": _resnet20, "vgg": _vgg}
+MODELS = tuple(MODEL_BUILDERS)
+
+
 def make_model(name: str, input_shape, classes: int, width: int):
-    if name == "mlp":
-        n_in = int(torch.tensor(input_shape).prod())
-        return torch.nn.Sequential(torch.nn.Flatten(), *mlp((n_in, width, width, classes)))
-    if name == "lenet5":
-        c, h = (input_shape[0], input_shape[1]) if len(input_shape) == 3 else (1, 8)
-        return LeNet5(classes, c, h)
-    if len(input_shape) != 3:
-        raise UsageError(f"model {name!r} needs image inputs; dataset gives shape {tuple(input_shape)}")
-    return resnet20(classes) if name == "resnet20" else vgg(classes, in_channels=input_shape[0])
+    return MODEL_BUILDERS[name](input_shape, classes, width)
 
 
 @torch.no_grad()
@@ -294,7 +321,10 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
         start_step, order = 0, None
         metrics = evaluate(model, split.x_test, split.y_test)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(done, 1), **metrics})
+        layers = [m for m in model.modules() if isinstance(m, (sk.SparseLinear, sk.SparseConv2d))]
+        density = sum(m.nnz for m in layers) / max(sum(m.weight.shape[0] * m.weight.shape[1] for m in layers), 1)
         bar.set_postfix(loss=f"{history[-1]['train_loss']:.3f}", acc=f"{metrics['accuracy']:.3f}",
+                        density=f"{density:.3f}" if layers else "1",
                         ms_step=f"{1e3 * sum(step_times[-steps_per_epoch:]) / steps_per_epoch:.1f}")
         if a.checkpoint_every and (epoch + 1) % a.checkpoint_every == 0:
             save(epoch + 1, 0, None)

@@ -190,3 +190,15 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path, capsys):
     capsys.readouterr()
     assert train.main(["--resume", str(ck), "--quiet"]) == 2
     assert "checkpoint does not fit this run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["resnet20", "vgg"])
+def test_cnn_models_train_on_digit_images(model, tmp_path):
+    assert train.main(["--model", model, "--method", "static", "--density", "0.5", "--epochs", "1",
+                       "--batch-size", "128", "--no-baseline", "--quiet", "--no-plots", "--out", str(tmp_path)]) == 0
+    assert final_run(tmp_path)["final"]["accuracy"] > 0.1
+
+
+def test_image_model_on_flat_data_is_named(tmp_path, capsys):
+    assert train.main(["--model", "resnet20", "--dataset", "synthetic", "--out", str(tmp_path)]) == 2
+    assert "needs image inputs" in capsys.readouterr().err
