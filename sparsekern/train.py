@@ -206,10 +206,14 @@ def training_state_bytes(model, opt) -> int:
     return total
 
 
-def peak_rss_mb() -> float:
-    """Process-wide peak resident memory so far (monotone over the whole process)."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb() -> float:
+    """Current resident memory of the process in MB (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Interrupted(Exception):
@@ -287,6 +291,7 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
 
 def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_times, density_log,
                   start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt):
+    peak = {"rss": rss_mb()}          # resident memory sampled every step of this run
     bar = tqdm(range(start_epoch, a.epochs), desc=f"{method}", disable=a.quiet, unit="epoch",
                initial=start_epoch, total=a.epochs)
     for epoch in bar:
@@ -295,8 +300,10 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
         loss_sum, done = partial
         partial = (0.0, 0)
         i = start_step
+        steps = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch + 1}", disable=a.quiet,
+                     leave=False, unit="step")
         try:
-            for i in range(start_step, steps_per_epoch):
+            for i in steps:
                 if a.stop_after and len(step_times) >= a.stop_after:
                     save(epoch, i, order, (loss_sum, done))
                     raise Interrupted(ckpt, f"stopped after {a.stop_after} steps")
@@ -315,6 +322,9 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
                 step_times.append(time.perf_counter() - t0)
                 loss_sum += loss.item()
                 done += 1
+                peak["rss"] = max(peak["rss"], rss_mb())
+                if done % 10 == 0:
+                    steps.set_postfix(loss=f"{loss_sum / done:.3f}", ms=f"{1e3 * step_times[-1]:.1f}")
         except KeyboardInterrupt:
             save(epoch, i, order, (loss_sum, done))
             raise Interrupted(ckpt, "interrupted") from None
@@ -336,7 +346,7 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
     layers = {n: m.density for n, m in model.named_modules() if isinstance(m, (sk.SparseLinear, sk.SparseConv2d))}
     return {"method": method, "final": history[-1], "history": history, "weights_nnz": nnz,
             "param_bytes": param_bytes(model), "training_state_bytes": training_state_bytes(model, opt),
-            "peak_rss_mb_so_far": peak_rss_mb(), "inference_flops": flops.inference(),
+            "peak_rss_mb": peak["rss"], "inference_flops": flops.inference(),
             "train_flops_per_example": flops.training_step(a.update_every if method == "rigl" else None),
             "ms_per_step": 1e3 * sum(step_times) / len(step_times),
             "ms_per_step_median": 1e3 * sorted(step_times)[len(step_times) // 2],
@@ -393,7 +403,7 @@ def table(runs: list[dict]) -> str:
             ("weights (nnz)", lambda r: f"{r['weights_nnz']:,}"),
             ("parameter bytes", lambda r: f"{r['param_bytes']:,}"),
             ("training state bytes", lambda r: f"{r['training_state_bytes']:,}"),
-            ("peak RSS MB (process)", lambda r: f"{r['peak_rss_mb_so_far']:.0f}"),
+            ("peak RSS MB (this run)", lambda r: f"{r['peak_rss_mb']:.0f}"),
             ("inference FLOPs/example", lambda r: f"{r['inference_flops']:,.0f}"),
             ("training FLOPs/example", lambda r: f"{r['train_flops_per_example']:,.0f}"),
             ("ms/step (median)", lambda r: f"{r['ms_per_step_median']:.2f}"),
