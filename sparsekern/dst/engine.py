@@ -204,7 +204,7 @@ class DSTEngine:
             dropped = lin[drop]                                     # ascending
             at = torch.searchsorted(dropped, grow).clamp_(max=dropped.numel() - 1)
             regrown = int((dropped[at] == grow).sum())
-            src = update_topology(topo, drop.to(topo.values.device), grow.to(topo.values.device))
+            src = update_topology(topo, drop.to(topo.values.device), grow.to(topo.values.device), lin)
             permute_optimizer_state(self.optimizer, topo.values, src)
             self.ever_active[name][grow] = True
             record["layers"][name] = {"pruned": k, "grown": k, "regrown": regrown,

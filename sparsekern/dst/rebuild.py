@@ -19,7 +19,8 @@ def active_positions(topo: SparseTopology) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor) -> torch.Tensor:
+def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor,
+                    positions: torch.Tensor | None = None) -> torch.Tensor:
     """Drop the entries flagged in ``drop`` and grow entries at the positions ``grow``, in place.
 
     Args:
@@ -27,6 +28,7 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
         drop: bool [nnzb], True for each stored (block) entry to remove.
         grow: int64 [k] linear block positions to add, k == drop.sum(); each must be
             free after the drop (a position dropped in this call may be regrown).
+        positions: optional :func:`active_positions` of ``topo``, if the caller has them.
 
     Returns:
         src: int64 [nnzb], for every entry of the new storage order the index of the
@@ -43,7 +45,7 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
         raise ValueError(f"grow has {grow.numel()} positions but {k} entries are dropped; nnz must stay fixed")
     if k and (bool((grow < 0).any()) or bool((grow >= R * C).any())):
         raise ValueError(f"grow positions must be in [0, {R * C})")
-    old_lin = active_positions(topo)
+    old_lin = active_positions(topo) if positions is None else positions.to(topo.col_indices.device)
     keep_idx = torch.nonzero(~drop).flatten()
     new_lin = torch.cat([old_lin[keep_idx], grow.to(old_lin.device)])
     src = torch.cat([keep_idx, torch.full((k,), -1, dtype=torch.int64, device=keep_idx.device)])

@@ -86,7 +86,7 @@ def _unfold(x, geometry):
     return torch.nn.functional.unfold(xp, (kh, kw), dilation=(dh, dw), stride=(sh, sw))  # [N, Cin*kh*kw, L]
 
 
-def _gcols(values, row_offsets, col_indices, t_offsets, geometry, cin):
+def _gcols(values, row_offsets, col_indices, geometry, cin):
     """Rows and global unfold columns of every element."""
     kh, kw, groups = geometry[0], geometry[1], geometry[10]
     rows, cols, vals = _element_entries(values, row_offsets, col_indices)
@@ -99,7 +99,7 @@ def conv2d(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bi
     """y [N, Cout, OH, OW]: F.unfold, then a gather of each nonzero's column and an index_add."""
     from sparsekern.ops.library import conv_output_hw
     N, cin, H, W = x.shape
-    rows, gcols, vals, cout = _gcols(values, row_offsets, col_indices, t_offsets, geometry, cin)
+    rows, gcols, vals, cout = _gcols(values, row_offsets, col_indices, geometry, cin)
     cols = _unfold(_acc(x), geometry)                                     # [N, K, L]
     y = cols.new_zeros(N, cout, cols.shape[-1]).index_add_(1, rows, cols[:, gcols, :] * _acc(vals)[:, None])
     y = y.reshape(N, cout, *conv_output_hw(H, W, geometry))
@@ -111,7 +111,7 @@ def conv2d_dx(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm
     """dx [N, Cin, H, W]: the adjoint of :func:`conv2d` (index_add into columns, then F.fold)."""
     kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, _ = geometry
     N, cin, H, W = input_size
-    rows, gcols, vals, _ = _gcols(values, row_offsets, col_indices, t_offsets, geometry, cin)
+    rows, gcols, vals, _ = _gcols(values, row_offsets, col_indices, geometry, cin)
     g = _acc(dy).reshape(N, dy.shape[1], -1)                              # [N, Cout, L]
     dcols = g.new_zeros(N, cin * kh * kw, g.shape[-1]).index_add_(1, gcols, g[:, rows, :] * _acc(vals)[:, None])
     dxp = torch.nn.functional.fold(dcols, (H + pt + pb, W + pl + pr), (kh, kw), dilation=(dh, dw),
@@ -123,7 +123,7 @@ def conv2d_dw(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, geo
     """dW values-shaped: sum over images and positions of dy[row] * unfolded x[column]."""
     probe = x.new_empty(col_indices.numel()) if block_size == 1 else \
         x.new_empty(col_indices.numel(), block_size, block_size)
-    rows, gcols, _, _ = _gcols(probe, row_offsets, col_indices, t_offsets, geometry, x.shape[1])
+    rows, gcols, _, _ = _gcols(probe, row_offsets, col_indices, geometry, x.shape[1])
     cols = _unfold(_acc(x), geometry)
     g = _acc(dy).reshape(dy.shape[0], dy.shape[1], -1)
     return (g[:, rows, :] * cols[:, gcols, :]).sum((0, 2)).reshape(probe.shape).to(x.dtype)
