@@ -32,22 +32,39 @@ BSR_BLOCK_SIZES = (4, 8, 16, 32, 64)
 _INDEX_FIELDS = ("row_offsets", "col_indices", "t_offsets", "t_indices", "t_perm")
 
 
-def row_ids(offsets: torch.Tensor) -> torch.Tensor:
-    """Row index of every stored entry, int64 [nnz], from offsets [rows + 1]."""
+def row_ids(offsets: torch.Tensor, nnz: int | None = None) -> torch.Tensor:
+    """Row index of every stored entry, int64 [nnz], from offsets [rows + 1].
+
+    Give ``nnz`` (the entry count, known from the indices' length) to keep a
+    CUDA structure on the device with no host read.
+    """
     counts = (offsets[1:] - offsets[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=offsets.device), counts,
+                                   output_size=nnz)
+
+
+def count_per_index(index: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [n]: how often each value of ``index`` (int, in [0, n)) occurs.
+
+    ``torch.bincount`` reads the maximum back to the host on CUDA; an integer
+    ``index_add_`` is exact, deterministic and stays on the device.
+    """
+    index = index.long()
+    return torch.zeros(n, dtype=torch.int64, device=index.device).index_add_(
+        0, index, torch.ones_like(index))
 
 
 def transpose_metadata(row_offsets: torch.Tensor, col_indices: torch.Tensor, n_cols: int):
     """(t_offsets, t_indices, t_perm) of W^T, all int32, from W's CSR structure.
 
     A stable sort by column keeps each transposed row ordered by W's row.
-    Runs with torch ops only (sort, bincount, cumsum), so it stays on the
-    structure's device.
+    Runs with device-side torch ops only (sort, index_add, cumsum; no host
+    read), so it stays on the structure's device: this is the GPU topology
+    rebuild of the DST engine.
     """
-    rows = row_ids(row_offsets)
+    rows = row_ids(row_offsets, col_indices.numel())
     perm = torch.sort(col_indices.long(), stable=True).indices
-    counts = torch.bincount(col_indices.long(), minlength=n_cols)
+    counts = count_per_index(col_indices, n_cols)
     t_offsets = torch.zeros(n_cols + 1, dtype=torch.int32, device=col_indices.device)
     t_offsets[1:] = torch.cumsum(counts, 0)
     return t_offsets, rows[perm].to(torch.int32), perm.to(torch.int32)

@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU, the Triton kernels run on CPU tensors under Triton's interpreter
+# (tests/test_triton.py). It must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sparsekern as sk
 from sparsekern.formats import BSRTopology, CSRTopology

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from sparsekern.formats import SparseTopology, row_ids, transpose_metadata
+from sparsekern.formats import SparseTopology, count_per_index, row_ids, transpose_metadata
 
 
 def active_positions(topo: SparseTopology) -> torch.Tensor:
     """Linear block positions of the stored entries, int64 [nnzb], in storage order."""
     C = topo.shape[1] // topo.block_size
-    return row_ids(topo.row_offsets) * C + topo.col_indices.long()
+    return row_ids(topo.row_offsets, topo.col_indices.numel()) * C + topo.col_indices.long()
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
     if new_lin.numel() > 1 and bool((new_lin[1:] == new_lin[:-1]).any()):
         raise ValueError("grow contains a position that is still active (or repeats one)")
     rows = new_lin // C
-    counts = torch.bincount(rows, minlength=R)
+    counts = count_per_index(rows, R)
     topo.row_offsets[0] = 0
     topo.row_offsets[1:].copy_(torch.cumsum(counts, 0))
     topo.col_indices.copy_(new_lin % C)
@@ -67,6 +67,9 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
     topo.t_offsets.copy_(t_offsets)
     topo.t_indices.copy_(t_indices)
     topo.t_perm.copy_(t_perm)
+    if topo.values.is_cuda:   # valid by construction: spare the GPU kernels a re-validation
+        from sparsekern.gpu import schedule
+        schedule.mark_validated(topo.values, *topo.topology())
     return src
 
 

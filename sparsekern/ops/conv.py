@@ -108,7 +108,7 @@ def sparse_conv2d(x: torch.Tensor, weight, geometry: list[int], bias: torch.Tens
         raise ValueError(f"bias must be [{cout}] of dtype {values.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
         and not x.is_contiguous()
-    be = select_backend(x, values, backend)
+    be = select_backend(x, values, backend, kind="conv")
     y = be.ops.conv2d(x, values, *weight.topology(), bias, list(geometry))
     if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)

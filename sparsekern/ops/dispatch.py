@@ -12,6 +12,9 @@ Which path runs where:
 backend        device    dtypes               implementation
 =============  ========  ===================  ============================================
 ``cpu``        CPU       float32, float64     C++/OpenMP kernels (``torch.ops.sparsekern``)
+``triton``     CUDA      float16, bfloat16,   Triton kernels (:mod:`sparsekern.gpu`) behind the
+                         float32              same ops; CSR and BSR blocks 16/32/64; linear
+                                              ops only (no GPU conv kernel yet)
 ``reference``  any       any floating         pure torch gather/scatter (tests, debugging)
 =============  ========  ===================  ============================================
 """
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparsekern import _ext
+from sparsekern import _ext, gpu
 from sparsekern.ops import library, reference
 
 
@@ -32,11 +35,17 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] | None  # None: any floating dtype
     automatic: bool
     ops: object
+    kinds: tuple[str, ...] = ("linear", "conv")  # op families with a kernel
 
-    def not_supported_reasons(self, x: torch.Tensor, values: torch.Tensor) -> list[str]:
+    def not_supported_reasons(self, x: torch.Tensor, values: torch.Tensor, kind: str = "linear") -> list[str]:
         reasons = []
         if self.devices and x.device.type not in self.devices:
-            reasons.append(f"device {x.device.type} not in {list(self.devices)}")
+            return [f"device {x.device.type} not in {list(self.devices)}"]
+        if kind not in self.kinds:
+            reasons.append(f"no {kind} kernel (this backend has {'/'.join(self.kinds)} only)")
+        if self.name == "triton":
+            block = values.shape[-1] if values.dim() == 3 else 1
+            return reasons + gpu.not_supported_reasons(x.device, values.dtype, block)
         if self.dtypes is not None and values.dtype not in self.dtypes:
             reasons.append(f"dtype {values.dtype} not in {[str(d) for d in self.dtypes]}")
         if self.name == "cpu" and not _ext.available():
@@ -46,23 +55,24 @@ class Backend:
 
 BACKENDS = {
     "cpu": Backend("cpu", ("cpu",), (torch.float32, torch.float64), True, library),
+    "triton": Backend("triton", ("cuda",), gpu.DTYPES, True, library, ("linear",)),
     "reference": Backend("reference", (), None, False, reference),
 }
 
 
-def select_backend(x: torch.Tensor, values: torch.Tensor, backend: str = "auto") -> Backend:
-    """The backend that will run, or an error explaining every refusal."""
+def select_backend(x: torch.Tensor, values: torch.Tensor, backend: str = "auto", kind: str = "linear") -> Backend:
+    """The backend that will run ``kind`` ("linear" or "conv") ops, or an error explaining every refusal."""
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {list(BACKENDS)}")
         chosen = BACKENDS[backend]
-        reasons = chosen.not_supported_reasons(x, values)
+        reasons = chosen.not_supported_reasons(x, values, kind)
         if reasons:
             raise NotImplementedError(f"backend {backend!r} cannot run these inputs: {'; '.join(reasons)}")
         return chosen
     refusals = []
     for be in BACKENDS.values():
-        reasons = be.not_supported_reasons(x, values) if be.automatic else ["only used when asked for by name"]
+        reasons = be.not_supported_reasons(x, values, kind) if be.automatic else ["only used when asked for by name"]
         if not reasons:
             return be
         refusals.append(f"  {be.name}: {'; '.join(reasons)}")
@@ -78,7 +88,7 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         weight: a :class:`~sparsekern.formats.CSRTopology` or ``BSRTopology``
             of shape (out_features, in_features).
         bias: optional float [out_features].
-        backend: "auto", "cpu" or "reference" (see module doc).
+        backend: "auto", "cpu", "triton" or "reference" (see module doc).
 
     Returns:
         float [..., out_features], contiguous.

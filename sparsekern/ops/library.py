@@ -21,8 +21,9 @@ pad_right, dilation_h, dilation_w, groups]`` (see :mod:`sparsekern.ops.conv`).
 
 ``<topology>`` is ``row_offsets, col_indices, t_offsets, t_indices, t_perm``.
 Each op's backward uses only these three ops, so no dense weight-sized tensor
-is ever created. Kernels: CPU (C++/OpenMP, float32/float64). No CUDA kernel is
-registered yet.
+is ever created. Kernels: CPU (C++/OpenMP, float32/float64); CUDA (Triton,
+float16/bfloat16/float32, :mod:`sparsekern.gpu`) for spmm, spmm_t and sddmm. The
+conv ops have no CUDA kernel yet.
 """
 from __future__ import annotations
 
@@ -54,6 +55,33 @@ if not _ext.load():
 
     for _name in SCHEMAS:
         _lib.impl(_name, _not_built(_name), "CPU")
+
+
+def _cuda_kernel(name):
+    """CUDA implementation of op ``name``: the Triton launcher, imported on first use."""
+    def kernel(*args):
+        from sparsekern.gpu import triton_missing_reason
+        reason = triton_missing_reason()
+        if reason is not None:
+            raise NotImplementedError(f"sparsekern::{name} on CUDA runs Triton kernels, but {reason}")
+        from sparsekern.gpu import launch
+        return getattr(launch, name)(*args)
+
+    return kernel
+
+
+def _cuda_conv_missing(name):
+    def kernel(*args):
+        raise NotImplementedError(f"sparsekern::{name} has no CUDA kernel yet (sparse conv on GPU is "
+                                  f"planned in csrc/cuda); use backend='reference' for CUDA tensors")
+
+    return kernel
+
+
+for _name in ("spmm", "spmm_t", "sddmm"):
+    _lib.impl(_name, _cuda_kernel(_name), "CUDA")
+for _name in ("conv2d", "conv2d_dx", "conv2d_dw"):
+    _lib.impl(_name, _cuda_conv_missing(_name), "CUDA")
 
 spmm = torch.ops.sparsekern.spmm.default
 spmm_t = torch.ops.sparsekern.spmm_t.default

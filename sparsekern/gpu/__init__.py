@@ -1,0 +1,55 @@
+"""GPU kernels of sparsekern (Triton), for the ``sparsekern`` ops on CUDA tensors.
+
+Layers, bottom up: kernels (:mod:`~sparsekern.gpu.triton_bsr`,
+:mod:`~sparsekern.gpu.triton_csr`) -> launchers (:mod:`~sparsekern.gpu.launch`,
+with :mod:`~sparsekern.gpu.schedule` and :mod:`~sparsekern.gpu.tuning`) ->
+the ``torch.library`` ops' CUDA implementations (:mod:`sparsekern.ops.library`).
+
+Nothing here is imported by ``import sparsekern``: the launchers (and triton)
+load on the first CUDA call, or when a test imports them under
+``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+# Read once, as triton.jit itself does: kernels imported in this process are
+# interpreted (numpy on CPU tensors) when it is set.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_SIZES = (1, 16, 32, 64)
+
+
+def triton_missing_reason() -> str | None:
+    """None when triton can be imported, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; it ships with CUDA builds of torch)"
+    return None
+
+
+def not_supported_reasons(device: torch.device, dtype: torch.dtype, block_size: int) -> list[str]:
+    """Why the Triton kernels cannot run ``dtype`` values of ``block_size`` on ``device``
+    (empty when they can). Does not import triton."""
+    reasons = []
+    missing = triton_missing_reason()
+    if missing:
+        reasons.append(missing)
+    if device.type == "cuda":
+        if INTERPRET:
+            reasons.append("TRITON_INTERPRET=1 is set: the Triton kernels run on CPU tensors only")
+        else:
+            major, minor = torch.cuda.get_device_capability(device)
+            if major < 8:
+                reasons.append(f"compute capability {major}.{minor} < 8.0 (bf16 tl.dot needs Ampere or newer)")
+    elif not (device.type == "cpu" and INTERPRET):
+        reasons.append(f"device {device.type}: the Triton kernels need a CUDA GPU "
+                       f"(or CPU tensors under TRITON_INTERPRET=1)")
+    if dtype not in DTYPES:
+        reasons.append(f"dtype {dtype} not in {[str(d) for d in DTYPES]}")
+    if block_size not in BLOCK_SIZES:
+        reasons.append(f"block_size {block_size} not in {list(BLOCK_SIZES[1:])} (tl.dot needs tiles "
+                       f">= 16), and not CSR")
+    return reasons
