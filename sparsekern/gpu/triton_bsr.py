@@ -31,8 +31,10 @@ def _dot_acc(a, b, acc, UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: 
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IS_FP32:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
 
 
 @triton.jit
@@ -94,11 +96,12 @@ def bsr_sddmm_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mm = offs_m < m_hi
-        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + (r * B + offs_b)[:, None],
-                      mask=mm[None, :], other=0.0)                     # [B, BLOCK_M]
+        # both tiles load row-contiguous (coalesced); the dot takes dy transposed
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + (r * B + offs_b)[None, :],
+                     mask=mm[:, None], other=0.0)                      # [BLOCK_M, B]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (c * B + offs_b)[None, :],
                     mask=mm[:, None], other=0.0)                       # [BLOCK_M, B]
-        acc = _dot_acc(dyt, x, acc, UPCAST, IS_FP32, PRECISION)
+        acc = _dot_acc(tl.trans(dy), x, acc, UPCAST, IS_FP32, PRECISION)
     out = out_ptr + k.to(tl.int64) * (B * B) + offs_b[:, None] * B + offs_b[None, :]
     if ATOMIC:
         tl.atomic_add(out, acc)
