@@ -15,6 +15,7 @@ continues a run exactly where its checkpoint stopped. Datasets are local (see
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import signal
@@ -31,9 +32,12 @@ from tqdm import tqdm
 import sparsekern as sk
 from sparsekern import data as datasets
 from sparsekern.flops import count_flops
+from sparsekern.methods import freetickets, suptickets, threshold as thr
+from sparsekern.metrics import evaluate
 from sparsekern.models import LeNet5, mlp, resnet20, vgg
 
-METHODS = ("dense", "static", "set", "rigl")
+METHODS = ("dense", "static", "set", "rigl", "suptickets", "edst", "ensemble", "threshold")
+DST_METHODS = ("static", "set", "rigl", "suptickets", "edst")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="rigl", help=(
         "dense: plain nn.Linear/nn.Conv2d; static: a fixed random sparse topology; "
         "set: drop smallest, regrow at random (--update-every, --drop-fraction); "
-        "rigl: drop smallest, regrow by largest dense gradient (same options)"))
+        "rigl: drop smallest, regrow by largest dense gradient (same options); "
+        "suptickets: RigL/SET with a cyclic final phase whose tickets are superposed (--cycle-*, --superpose); "
+        "edst: one run, exploration then --tickets refinement phases, ensembled (--exploration-fraction, "
+        "--refine-drop); ensemble: --tickets independent RigL/SET runs, ensembled; "
+        "threshold: trainable per-neuron thresholds, dense-to-sparse (--alpha)"))
     p.add_argument("--density", type=float, default=0.1, help="fraction of weights kept, in (0, 1]")
     p.add_argument("--distribution", default="erk", choices=("uniform", "er", "erk"))
     p.add_argument("--init", default="fanin", choices=("dense", "fanin"))
@@ -54,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--update-every", type=int, default=100, help="steps between topology updates")
     p.add_argument("--drop-fraction", type=float, default=0.3)
+    p.add_argument("--grow", default="rigl", choices=("rigl", "set"),
+                   help="grow rule of suptickets/edst/ensemble runs")
+    p.add_argument("--cycle-fraction", type=float, default=0.1, help="suptickets: share of training in cycles")
+    p.add_argument("--cycle-length", type=int, default=1, help="suptickets: epochs per cycle")
+    p.add_argument("--cycle-drop", type=float, default=0.5, help="suptickets: drop-and-regrow at each cycle start")
+    p.add_argument("--lr-low", type=float, default=None, help="suptickets: cycle LR floor (default lr/100)")
+    p.add_argument("--lr-high", type=float, default=None, help="suptickets: cycle LR peak (default lr/20)")
+    p.add_argument("--superpose", default="caa", choices=("caa", "cima"), help="suptickets: averaging rule")
+    p.add_argument("--tickets", type=int, default=3, help="edst/ensemble: number of tickets M")
+    p.add_argument("--exploration-fraction", type=float, default=0.5, help="edst: share of training exploring")
+    p.add_argument("--refine-drop", type=float, default=0.8, help="edst: drop-and-regrow at each phase start")
+    p.add_argument("--alpha", type=float, default=5e-4, help="threshold: regulariser weight alpha")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"), help="SGD is Nesterov, momentum 0.9")
@@ -130,7 +150,7 @@ def check_args(a) -> None:
         raise UsageError(f"unknown dataset {a.dataset!r}; choose one of {datasets.DATASETS}")
     if not (0.0 < a.density <= 1.0) or math.isnan(a.density):
         raise UsageError(f"--density must be in (0, 1], got {a.density}")
-    for name in ("epochs", "batch_size", "update_every"):
+    for name in ("epochs", "batch_size", "update_every", "cycle_length", "tickets"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
 
@@ -175,24 +195,6 @@ def make_model(name: str, input_shape, classes: int, width: int):
     return MODEL_BUILDERS[name](input_shape, classes, width)
 
 
-@torch.no_grad()
-def evaluate(model, x, y, batch=512, bins=15) -> dict:
-    """Accuracy, mean NLL and expected calibration error (``bins`` equal-width bins)."""
-    model.eval()
-    logits = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
-    model.train()
-    prob = logits.softmax(1)
-    conf, pred = prob.max(1)
-    correct = (pred == y).float()
-    ece = 0.0
-    edges = torch.linspace(0, 1, bins + 1)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        m = (conf > lo) & (conf <= hi)
-        if m.any():
-            ece += m.float().mean().item() * abs(conf[m].mean().item() - correct[m].mean().item())
-    return {"accuracy": correct.mean().item(), "nll": F.cross_entropy(logits, y).item(), "ece": ece}
-
-
 def param_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -230,7 +232,9 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
     model = make_model(a.model, split.input_shape, split.num_classes, a.width).to(a.device)
     engine = None
     report = None
-    if method != "dense":
+    if method == "threshold":
+        thr.thresholdify(model)
+    elif method != "dense":
         report = sk.sparsify(model, a.density, a.distribution, init=a.init, layout=a.layout,
                              block_size=a.block_size, generator=torch.Generator().manual_seed(a.seed))
     params = model.parameters()
@@ -238,11 +242,18 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
            else torch.optim.AdamW(params, lr=a.lr))
     steps_per_epoch = math.ceil(len(split.x_train) / a.batch_size)
     total = steps_per_epoch * a.epochs
-    if method in ("static", "set", "rigl"):
-        cls = {"static": sk.dst.Static, "set": sk.dst.SET, "rigl": sk.dst.RigL}[method]
+    if method in DST_METHODS:
+        kind = a.grow if method in ("suptickets", "edst") else method
+        cls = {"static": sk.dst.Static, "set": sk.dst.SET, "rigl": sk.dst.RigL}[kind]
         engine = cls(model, opt, total_steps=total, update_every=a.update_every,
                      drop_fraction=a.drop_fraction, seed=a.seed)
-    if a.lr_schedule == "cosine":
+    try:
+        controller = make_controller(a, split, method, model, engine, total, steps_per_epoch)
+    except ValueError as exc:
+        raise UsageError(f"--method {method}: {exc}") from None
+    if controller is not None:       # the method owns the LR (set before every step)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    elif a.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     elif a.lr_schedule == "step":
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, [total // 2, 3 * total // 4], 0.1)
@@ -259,6 +270,8 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
             sched.load_state_dict(resume["scheduler"])
             if engine is not None:
                 engine.load_state_dict(resume["dst"])
+            if controller is not None:
+                controller.load_state_dict(resume["method_state"])
         except (ValueError, RuntimeError, KeyError) as exc:
             raise UsageError(f"checkpoint does not fit this run ({method}): {exc}") from None
         g.set_state(resume["data_rng"])
@@ -273,6 +286,7 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
         torch.save({"version": 1, "args": vars(a), "method": method, "epoch": epoch, "step": step,
                     "order": order, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "dst": engine.state_dict() if engine else None,
+                    "method_state": controller.state_dict() if controller else None,
                     "data_rng": g.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                     "step_times": step_times, "density_log": density_log, "epoch_loss": epoch_loss}, ckpt)
 
@@ -283,14 +297,29 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
         previous = signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("requested", True))
     try:
         return _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_times, density_log,
-                             start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt)
+                             start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt,
+                             controller)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
 
+def make_controller(a, split, method, model, engine, total, steps_per_epoch):
+    """The Sup-tickets / EDST controller of ``method`` (None for the others)."""
+    if method == "suptickets":
+        bs = a.batch_size
+        return suptickets.SupTickets(
+            model, engine, total, steps_per_epoch, a.lr, a.cycle_fraction, a.cycle_length, a.lr_low, a.lr_high,
+            a.cycle_drop, a.superpose,
+            bn_batches=lambda: (split.x_train[i:i + bs] for i in range(0, len(split.x_train), bs)))
+    if method == "edst":
+        return freetickets.EDST(model, engine, total, a.lr, a.tickets, a.exploration_fraction, a.refine_drop)
+    return None
+
+
 def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_times, density_log,
-                  start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt):
+                  start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt,
+                  controller=None):
     peak = {"rss": rss_mb()}          # resident memory sampled every step of this run
     bar = tqdm(range(start_epoch, a.epochs), desc=f"{method}", disable=a.quiet, unit="epoch",
                initial=start_epoch, total=a.epochs)
@@ -312,12 +341,22 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
                     raise Interrupted(ckpt, "interrupted")
                 idx = order[i * a.batch_size:(i + 1) * a.batch_size]
                 t0 = time.perf_counter()
+                if controller is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = controller.lr(epoch * steps_per_epoch + i)
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
+                if method == "threshold":
+                    loss = loss + thr.threshold_regularizer(model, a.alpha)
                 loss.backward()
                 opt.step()
+                if method == "threshold":
+                    for name in thr.reset_collapsed(model):
+                        density_log.append({"step": len(step_times) + 1, "reset": name})
                 if engine is not None and engine.step():
                     density_log.append({"step": engine.step_count, "itop_rate": engine.itop_rate()})
+                if controller is not None:
+                    controller.after_step()
                 sched.step()
                 step_times.append(time.perf_counter() - t0)
                 loss_sum += loss.item()
@@ -339,22 +378,51 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
         if a.checkpoint_every and (epoch + 1) % a.checkpoint_every == 0:
             save(epoch + 1, 0, None)
     save(a.epochs, 0, None)
-    flops = count_flops(model, split.x_test[:1])
-    nnz = sum(m.nnz if isinstance(m, (sk.SparseLinear, sk.SparseConv2d)) else m.weight.numel()
-              for m in model.modules() if isinstance(m, (sk.SparseLinear, sk.SparseConv2d,
-                                                         torch.nn.Linear, torch.nn.Conv2d)))
-    layers = {n: m.density for n, m in model.named_modules() if isinstance(m, (sk.SparseLinear, sk.SparseConv2d))}
-    return {"method": method, "final": history[-1], "history": history, "weights_nnz": nnz,
-            "param_bytes": param_bytes(model), "training_state_bytes": training_state_bytes(model, opt),
-            "peak_rss_mb": peak["rss"], "inference_flops": flops.inference(),
-            "train_flops_per_example": flops.training_step(a.update_every if method == "rigl" else None),
+    final_model, extra = model, {}
+    n_train = len(split.x_train)
+    if method == "suptickets":
+        final_model = controller.result()
+        extra = {"tickets": controller.tickets, "superpose_log": controller.log,
+                 "current_model": history[-1]}
+    elif method == "threshold":
+        final_model = copy.deepcopy(model)
+        thr.export_sparse(final_model)
+        extra = {"threshold_density": thr.model_density(model)}
+    if method == "edst":
+        ens = controller.result()
+        rep = freetickets.ensemble_report(ens, split.x_test, split.y_test)
+        final = {"epoch": a.epochs, **rep["ensemble"]}
+        extra = {"members": rep["members"], "disagreement": rep["disagreement"], "kl": rep["kl"],
+                 "tickets": len(controller.tickets)}
+        members = controller.tickets
+    else:
+        final = {"epoch": a.epochs, **evaluate(final_model, split.x_test, split.y_test)}
+        members = [final_model]
+    flops = count_flops(members[0], split.x_test[:1])
+    sparse_types = (sk.SparseLinear, sk.SparseConv2d)
+    nnz = len(members) * sum(m.nnz if isinstance(m, sparse_types) else m.weight.numel()
+                             for m in members[0].modules()
+                             if isinstance(m, sparse_types + (torch.nn.Linear, torch.nn.Conv2d)))
+    rigl_grow = method == "rigl" or (method in ("suptickets", "edst") and a.grow == "rigl")
+    per_example = (count_flops(model, split.x_test[:1]).training_step() if method == "threshold"
+                   else flops.training_step(a.update_every if rigl_grow else None))
+    train_total = per_example * n_train * a.epochs        # every epoch sees the whole training set
+    if method == "suptickets" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        train_total += (controller.tickets - 1) * n_train * flops.inference()    # BN recomputation passes
+    layers = {n: m.density for n, m in members[0].named_modules() if isinstance(m, sparse_types)}
+    return {"method": method, "final": final, "history": history, "weights_nnz": nnz,
+            "param_bytes": sum(param_bytes(m) for m in members),
+            "training_state_bytes": training_state_bytes(model, opt),
+            "peak_rss_mb": peak["rss"], "inference_flops": len(members) * flops.inference(),
+            "train_flops_per_example": per_example, "train_flops_total": train_total,
             "ms_per_step": 1e3 * sum(step_times) / len(step_times),
             "ms_per_step_median": 1e3 * sorted(step_times)[len(step_times) // 2],
             "step_times_ms": [1e3 * t for t in step_times],
             "total_s": sum(step_times), "itop_rate": engine.itop_rate() if engine else None,
             "itop_log": density_log, "layer_density": layers,
             "sparsity_report": report.to_dict() if report else None,
-            "state_digest": float(sum(p.detach().double().sum() for p in model.parameters()))}
+            "state_digest": float(sum(p.detach().double().sum() for p in model.parameters())),
+            **extra, "model": final_model if method != "edst" else ens}
 
 
 def plot(runs: list[dict], out: Path) -> list[Path]:
@@ -406,6 +474,7 @@ def table(runs: list[dict]) -> str:
             ("peak RSS MB (this run)", lambda r: f"{r['peak_rss_mb']:.0f}"),
             ("inference FLOPs/example", lambda r: f"{r['inference_flops']:,.0f}"),
             ("training FLOPs/example", lambda r: f"{r['train_flops_per_example']:,.0f}"),
+            ("training FLOPs (total)", lambda r: f"{r.get('train_flops_total', 0):.3g}"),
             ("ms/step (median)", lambda r: f"{r['ms_per_step_median']:.2f}"),
             ("total train s", lambda r: f"{r['total_s']:.1f}")]
     head = f"{'':26}" + "".join(f"{r['method']:>16}" for r in runs)
@@ -439,7 +508,12 @@ def main(argv=None) -> int:
         kwargs = {"image": a.model != "mlp"} if a.dataset == "digits" else {}
         split = to_device(datasets.load(a.dataset, root=a.data_dir, **kwargs), a.device)
         first = resume["method"] if resume else a.method
-        runs = [train_one(a, split, a.method, resume if first == a.method else None)]
+        if a.method == "ensemble":
+            if resume is not None:
+                raise UsageError("--resume of an ensemble: resume its member runs (member_<i>/) one by one")
+            runs = [train_ensemble(a, split)]
+        else:
+            runs = [train_one(a, split, a.method, resume if first == a.method else None)]
         mode = "skip" if a.no_baseline else a.baseline
         if mode != "skip" and a.method != "dense":
             runs.append(dense_baseline(a, split, mode, resume if first == "dense" else None))
@@ -449,6 +523,8 @@ def main(argv=None) -> int:
     except Interrupted as exc:
         print(f"sparsekern-train: {exc}", file=sys.stderr)
         return 130
+    for r in runs:
+        r.pop("model", None)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()},
                                                     "runs": runs}, indent=1))
@@ -458,15 +534,40 @@ def main(argv=None) -> int:
     return 0
 
 
+def train_ensemble(a, split) -> dict:
+    """DST Ensemble: ``--tickets`` independent ``--grow`` runs (seeds seed, seed+1, ...), ensembled."""
+    members = []
+    for i in range(a.tickets):
+        ai = argparse.Namespace(**{**vars(a), "seed": a.seed + i, "out": a.out / f"member_{i}"})
+        members.append(train_one(ai, split, a.grow))
+    ens = freetickets.TicketEnsemble([r["model"] for r in members])
+    rep = freetickets.ensemble_report(ens, split.x_test, split.y_test)
+    first = members[0]
+    return {**{k: first[k] for k in ("history", "layer_density", "sparsity_report", "peak_rss_mb",
+                                     "train_flops_per_example", "training_state_bytes")},
+            "method": "ensemble", "final": {"epoch": a.epochs, **rep["ensemble"]}, "members": rep["members"],
+            "disagreement": rep["disagreement"], "kl": rep["kl"], "tickets": a.tickets,
+            "weights_nnz": sum(r["weights_nnz"] for r in members),
+            "param_bytes": sum(r["param_bytes"] for r in members),
+            "inference_flops": sum(r["inference_flops"] for r in members),
+            "train_flops_total": sum(r["train_flops_total"] for r in members),
+            "step_times_ms": [t for r in members for t in r["step_times_ms"]],
+            "ms_per_step": sum(r["ms_per_step"] for r in members) / len(members),
+            "ms_per_step_median": sorted(r["ms_per_step_median"] for r in members)[len(members) // 2],
+            "total_s": sum(r["total_s"] for r in members), "itop_rate": None,
+            "itop_log": first["itop_log"], "state_digest": sum(r["state_digest"] for r in members),
+            "model": ens}
+
+
 def resolve_device(a) -> str:
     if a.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (this torch: "
                          f"{torch.__version__}); use --device cpu")
-    if a.device == "cuda" and a.method != "dense":
-        raise UsageError("--device cuda: sparsekern has no CUDA kernels yet (the GPU issues); "
-                         "run sparse methods with --device cpu")
+    if a.device == "cuda" and a.method != "dense" and a.model != "mlp":
+        raise UsageError("--device cuda: sparse convolutions have no GPU kernel yet (only linear layers "
+                         "do, through Triton); use --model mlp or --device cpu")
     return a.device
 
 
@@ -493,7 +594,7 @@ def dense_baseline(a, split, mode: str, resume=None) -> dict:
     run = train_one(a, split, "dense", resume)
     if mode == "cache":
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(run))
+        cache.write_text(json.dumps({k: v for k, v in run.items() if k != "model"}))
     return run
 
 

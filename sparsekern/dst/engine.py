@@ -156,6 +156,10 @@ class DSTEngine:
         self.total_steps, self.update_every, self.drop_fraction = total_steps, update_every, drop_fraction
         self.schedule, self.stop_at = schedule, stop_at
         self.step_count = 0
+        # Set by the superposition/ensemble methods (sparsekern.methods): steps with a forced
+        # rewiring fraction, and the step from which the ordinary schedule is off.
+        self.extra_updates: dict[int, float] = {}
+        self.freeze_from: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.ever_active = {n: self._blank(m).index_fill_(0, active_positions(m.weight).cpu(), True)
                             for n, m in self.layers}
@@ -166,11 +170,34 @@ class DSTEngine:
 
     # ------------------------------------------------------------ schedule
     def fraction_at(self, step: int) -> float:
-        """Fraction of nnz rewired at ``step`` (0 after stop_at)."""
+        """Fraction of nnz rewired at ``step`` (0 after stop_at; a forced update's own fraction)."""
+        if step in self.extra_updates:
+            return self.extra_updates[step]
         return scheduled_fraction(step, self.total_steps, self.drop_fraction, self.schedule, self.stop_at)
 
     def is_update_step(self, step: int) -> bool:
+        if step in self.extra_updates:
+            return True
+        if self.freeze_from is not None and step >= self.freeze_from:
+            return False
+        return self._ordinary_update(step)
+
+    def _ordinary_update(self, step: int) -> bool:
         return is_update(step, self.update_every, self.total_steps, self.stop_at)
+
+    def force_update(self, step: int, fraction: float) -> None:
+        """Rewire ``fraction`` of every layer's nnz at ``step`` (counted as ``dst.step()`` calls),
+        whatever the schedule: the cycle/phase starts of Sup-tickets and EDST."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        if step <= self.step_count:
+            raise ValueError(f"step {step} is not in the future (now at {self.step_count})")
+        self.extra_updates[int(step)] = float(fraction)
+        self._arm_if_next_updates()
+
+    def freeze(self, from_step: int) -> None:
+        """No ordinary (scheduled) update from ``from_step`` on; forced updates still happen."""
+        self.freeze_from = int(from_step)
 
     # ---------------------------------------------------------------- step
     def step(self) -> bool:
@@ -289,6 +316,7 @@ class DSTEngine:
     # ----------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
         return {"step": self.step_count, "rng": self.generator.get_state(),
+                "extra_updates": dict(self.extra_updates), "freeze_from": self.freeze_from,
                 "ever_active": {n: v.clone() for n, v in self.ever_active.items()},
                 "history": list(self.history),
                 "layers": {n: {"shape": list(m.weight.shape), "block_size": m.weight.block_size,
@@ -323,14 +351,20 @@ class DSTEngine:
         self.generator.set_state(state["rng"])
         self.ever_active = {n: v.clone() for n, v in ever.items()}
         self.history = list(state["history"])
+        self.extra_updates = {int(k): float(v) for k, v in state.get("extra_updates", {}).items()}
+        self.freeze_from = state.get("freeze_from")
         self._arm_if_next_updates()
 
 
 class Static(DSTEngine):
-    """No topology updates (the sparse baseline); same bookkeeping and diagnostics."""
+    """No scheduled topology updates (the sparse baseline); same bookkeeping and diagnostics.
+    Forced updates (:meth:`DSTEngine.force_update`) grow at random, as SET."""
 
-    def is_update_step(self, step: int) -> bool:
+    def _ordinary_update(self, step: int) -> bool:
         return False
+
+    def grow_positions(self, name, module, kept, n, k):
+        return SET.grow_positions(self, name, module, kept, n, k)
 
 
 class SET(DSTEngine):
