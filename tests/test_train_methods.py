@@ -51,3 +51,16 @@ def test_threshold_from_the_command(tmp_path):
 def test_methods_refuse_bad_options(tmp_path, capsys):
     assert train.main(["--method", "edst", "--tickets", "0", "--quiet", "--out", str(tmp_path)]) == 2
     assert "--tickets must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["suptickets", "edst"])
+def test_resume_inside_the_cyclic_or_refinement_phase_is_exact(method, tmp_path):
+    args = ["--method", method, "--epochs", "4", "--width", "64", "--update-every", "10", "--cycle-fraction", "0.5",
+            "--tickets", "2", "--quiet", "--no-plots", "--baseline", "skip"]
+    assert train.main(args + ["--out", str(tmp_path / "full")]) == 0
+    # 4 epochs x 23 steps; the cyclic phase (and EDST's second phase) has begun by step 60
+    assert train.main(args + ["--out", str(tmp_path / "cut"), "--stop-after", "60"]) == 130
+    assert train.main(["--resume", str(tmp_path / "cut" / f"checkpoint_{method}.pt"), "--quiet", "--no-plots"]) == 0
+    full = json.loads((tmp_path / "full" / "results.json").read_text())["runs"][0]
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())["runs"][0]
+    assert cut["state_digest"] == full["state_digest"] and cut["final"] == full["final"]
