@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant", "step"),
                    help="step: x0.1 at 50%% and 75%% of training")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="auto: cuda when available; the sparse kernels run on the CPU for now")
+                   help="auto: cuda when available (sparse layers then run the Triton kernels)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--baseline", default="run", choices=("run", "cache", "skip"),
@@ -565,9 +565,6 @@ def resolve_device(a) -> str:
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available (this torch: "
                          f"{torch.__version__}); use --device cpu")
-    if a.device == "cuda" and a.method != "dense" and a.model != "mlp":
-        raise UsageError("--device cuda: sparse convolutions have no GPU kernel yet (only linear layers "
-                         "do, through Triton); use --model mlp or --device cpu")
     return a.device
 
 

@@ -13,8 +13,8 @@ backend        device    dtypes               implementation
 =============  ========  ===================  ============================================
 ``cpu``        CPU       float32, float64     C++/OpenMP kernels (``torch.ops.sparsekern``)
 ``triton``     CUDA      float16, bfloat16,   Triton kernels (:mod:`sparsekern.gpu`) behind the
-                         float32              same ops; CSR and BSR blocks 16/32/64; linear
-                                              ops only (no GPU conv kernel yet)
+                         float32              same ops; CSR and BSR blocks 16/32/64; conv as
+                                              im2col + those kernels
 ``reference``  any       any floating         pure torch gather/scatter (tests, debugging)
 =============  ========  ===================  ============================================
 """
@@ -55,7 +55,7 @@ class Backend:
 
 BACKENDS = {
     "cpu": Backend("cpu", ("cpu",), (torch.float32, torch.float64), True, library),
-    "triton": Backend("triton", ("cuda",), gpu.DTYPES, True, library, ("linear",)),
+    "triton": Backend("triton", ("cuda",), gpu.DTYPES, True, library),
     "reference": Backend("reference", (), None, False, reference),
 }
 

@@ -22,8 +22,8 @@ pad_right, dilation_h, dilation_w, groups]`` (see :mod:`sparsekern.ops.conv`).
 ``<topology>`` is ``row_offsets, col_indices, t_offsets, t_indices, t_perm``.
 Each op's backward uses only these three ops, so no dense weight-sized tensor
 is ever created. Kernels: CPU (C++/OpenMP, float32/float64); CUDA (Triton,
-float16/bfloat16/float32, :mod:`sparsekern.gpu`) for spmm, spmm_t and sddmm. The
-conv ops have no CUDA kernel yet.
+float16/bfloat16/float32, :mod:`sparsekern.gpu`) for spmm, spmm_t and sddmm, and
+the conv ops on CUDA as im2col + those (:mod:`sparsekern.gpu.conv`).
 """
 from __future__ import annotations
 
@@ -70,10 +70,11 @@ def _cuda_kernel(name):
     return kernel
 
 
-def _cuda_conv_missing(name):
+def _cuda_conv(name):
+    """CUDA implementation of conv op ``name``: im2col + the linear ops (sparsekern.gpu.conv)."""
     def kernel(*args):
-        raise NotImplementedError(f"sparsekern::{name} has no CUDA kernel yet (sparse conv on GPU is "
-                                  f"planned in csrc/cuda); use backend='reference' for CUDA tensors")
+        from sparsekern.gpu import conv
+        return getattr(conv, name)(*args)
 
     return kernel
 
@@ -81,7 +82,7 @@ def _cuda_conv_missing(name):
 for _name in ("spmm", "spmm_t", "sddmm"):
     _lib.impl(_name, _cuda_kernel(_name), "CUDA")
 for _name in ("conv2d", "conv2d_dx", "conv2d_dw"):
-    _lib.impl(_name, _cuda_conv_missing(_name), "CUDA")
+    _lib.impl(_name, _cuda_conv(_name), "CUDA")
 
 spmm = torch.ops.sparsekern.spmm.default
 spmm_t = torch.ops.sparsekern.spmm_t.default
