@@ -3,7 +3,8 @@
 One extension holds every kernel in ``csrc/``: the C++/OpenMP CPU kernels
 always, the CUDA kernels (``csrc/cuda/*.cu``) only when this torch is a CUDA
 build *and* a CUDA toolkit (nvcc) is found; otherwise the build says why it
-skipped them. Build with the installed torch, never a fresh one:
+skipped them (tests/test_cuda_compile.py still compiles them with nvcc alone).
+The CUDA archs come from ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0"). Build with the installed torch, never a fresh one:
 
     pip install --no-build-isolation -e .
 

@@ -10,7 +10,8 @@ For every shape x layout x density it times, with ``triton.testing.do_bench``
 medians and the dense input rotated over enough copies to exceed the L2 cache:
 
 * kernels: forward (Y = X W^T), dX, dW and forward+backward (autograd);
-* sparsekern (Triton; the CUDA C++ backend joins as a column once built),
+* sparsekern as dispatched, and for CSR each GPU backend on its own (Triton, and
+  the CUDA C++ kernels of csrc/cuda when built),
   dense ``F.linear`` (cuBLAS), ``torch.sparse`` CSR (cuSPARSE) and PyTorch's
   own Triton BSR kernels (``torch.sparse._triton_ops``), all in this one run.
   For the torch.sparse contenders forward+backward is the sum of their
@@ -23,7 +24,8 @@ times a RigL-style topology rebuild (drop and regrow 30% of the nonzeros at a
 fixed budget, in place, then re-derive the kernel schedule) against one forward.
 
 Writes ``benchmarks/results/gpu_<gpu>.json`` and ``.md`` with GPU name, driver,
-torch, triton and date, and a table of the issue's targets, met or not.
+torch, triton and date, and a table of the issues' targets (Triton and CUDA C++), met or not.
+``--dtypes bf16 fp32`` adds the fp32 rows (TF32 off on both sides) that the fp32 target needs.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import datetime
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -51,10 +54,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SHAPES = (("4096x4096", 4096, 4096, 8192), ("ffn-up 768->3072", 3072, 768, 8192),
           ("ffn-down 3072->768", 768, 3072, 8192), ("ffn-up 1024->4096", 4096, 1024, 8192),
           ("ffn-down 4096->1024", 1024, 4096, 8192), ("skinny N=16", 4096, 4096, 16))
-# The issue's targets: bf16, 4096x4096 weight, 8192 rows; speedup over cuBLAS.
-TARGETS = (("bsr", 64, 0.1, "fwd", 7.0), ("bsr", 64, 0.1, "dx", 5.0), ("bsr", 64, 0.1, "dw", 5.0),
-           ("bsr", 32, 0.1, "fwd", 5.0), ("bsr", 16, 0.05, "fwd", 5.0),
-           ("csr", 1, 0.02, "fwd", 4.0), ("csr", 1, 0.05, "fwd", 1.5))
+# The issues' targets on 4096x4096 at 8192 rows, speedup over cuBLAS:
+# (dtype, layout, block, density, kernel, wanted, sparsekern column)
+TARGETS = (("bf16", "bsr", 64, 0.1, "fwd", 7.0, "sparsekern"), ("bf16", "bsr", 64, 0.1, "dx", 5.0, "sparsekern"),
+           ("bf16", "bsr", 64, 0.1, "dw", 5.0, "sparsekern"), ("bf16", "bsr", 32, 0.1, "fwd", 5.0, "sparsekern"),
+           ("bf16", "bsr", 16, 0.05, "fwd", 5.0, "sparsekern"), ("bf16", "csr", 1, 0.02, "fwd", 4.0, "sparsekern-triton"),
+           ("bf16", "csr", 1, 0.05, "fwd", 1.5, "sparsekern-triton"),
+           ("bf16", "csr", 1, 0.1, "fwd", 2.0, "sparsekern-cuda"), ("bf16", "csr", 1, 0.02, "fwd", 5.0, "sparsekern-cuda"),
+           ("fp32", "csr", 1, 0.1, "fwd", 3.0, "sparsekern-cuda"))
+CONV_TARGET = 2.0   # 3x3 256->256, 14x14, batch 64, 90% sparsity, fwd+bwd vs cuDNN
 
 
 def plan(args):
@@ -64,15 +72,19 @@ def plan(args):
             yield dname, sname, out_f, in_f, M, layout, b, d
 
 
-def evaluate_targets(rows):
-    """[(description, target, measured or None, met)] from result rows."""
+def evaluate_targets(rows, conv=None):
+    """[(description, target, measured or None, met)] from result rows (and the conv result)."""
     out = []
-    for layout, b, d, kind, target in TARGETS:
-        hit = [r for r in rows if r["dtype"] == "bf16" and r["shape"] == "4096x4096" and r["layout"] == layout
+    for dtype, layout, b, d, kind, target, column in TARGETS:
+        hit = [r for r in rows if r["dtype"] == dtype and r["shape"] == "4096x4096" and r["layout"] == layout
                and r["block"] == b and abs(r["density"] - d) < 1e-9]
-        measured = hit[0]["speedup"]["sparsekern"].get(kind) if hit else None
-        name = f"{layout.upper()}{'' if b == 1 else b} at {1 - d:.0%} sparsity, {kind}"
+        measured = hit[0]["speedup"].get(column, {}).get(kind) if hit else None
+        backend = {"sparsekern": "", "sparsekern-triton": " (Triton)", "sparsekern-cuda": " (CUDA C++)"}[column]
+        name = f"{dtype} {layout.upper()}{'' if b == 1 else b}{backend} at {1 - d:.0%} sparsity, {kind}"
         out.append((name, target, measured, measured is not None and measured >= target))
+    got = conv["speedup_fwd_bwd"] if conv else None
+    out.append(("bf16 conv 3x3 256->256 14x14 b64 at 90%, fwd+bwd vs cuDNN", CONV_TARGET, got,
+                got is not None and got >= CONV_TARGET))
     return out
 
 
@@ -100,6 +112,24 @@ def safe(fn):
 
 
 safe.notes = set()
+
+
+class backend_forced:
+    """Run with SPARSEKERN_GPU_BACKEND set (the CSR kernels: "triton" or "cuda")."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __enter__(self):
+        from sparsekern.gpu import route
+        self.key, self.old = route.ENV, os.environ.get(route.ENV)
+        os.environ[self.key] = self.name
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.key, None)
+        else:
+            os.environ[self.key] = self.old
 
 
 def measure_case(out_f, in_f, M, layout, b, density, dtype, l2):
@@ -137,10 +167,20 @@ def measure_case(out_f, in_f, M, layout, b, density, dtype, l2):
         xr.grad = vr.grad = None
         x.requires_grad_(False)
 
-    ms["sparsekern"] = {"fwd": bench(lambda x: ops.spmm(x, v, *t, None), xs),
-                        "dx": bench(lambda dy: ops.spmm_t(dy, v, *t), dys),
-                        "dw": bench(lambda p: ops.sddmm(p[1], p[0], *t, b), pairs),
-                        "fwd+bwd": bench(sk_fb, pairs)}
+    def sk_kernels():
+        return {"fwd": bench(lambda x: ops.spmm(x, v, *t, None), xs),
+                "dx": bench(lambda dy: ops.spmm_t(dy, v, *t), dys),
+                "dw": bench(lambda p: ops.sddmm(p[1], p[0], *t, b), pairs),
+                "fwd+bwd": bench(sk_fb, pairs)}
+
+    ms["sparsekern"] = sk_kernels()                     # what "auto" dispatch picks
+    if b == 1:                                          # CSR: each GPU backend as its own column
+        from sparsekern.gpu import route
+        for name in ("triton", "cuda"):
+            if name == "cuda" and route.cuda_cpp_reasons(v, v.device):
+                continue
+            with backend_forced(name):
+                ms[f"sparsekern-{name}"] = sk_kernels()
     # torch.sparse CSR (cuSPARSE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -170,6 +210,31 @@ def measure_case(out_f, in_f, M, layout, b, density, dtype, l2):
                for name, m in ms.items() if name != "dense"}
     roofline = {k: (s * density if s else None) for k, s in speedup["sparsekern"].items()}
     return ms, speedup, roofline
+
+
+def measure_conv(dtype):
+    """SparseConv2d 3x3 256->256 on 14x14, batch 64, 90% sparsity, forward+backward, against
+    cuDNN's F.conv2d on the same (dense) weight, channels-first."""
+    import sparsekern as sk
+    dense = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to("cuda", dtype)
+    sc = sk.SparseConv2d.from_dense(dense, density=0.1).to("cuda", dtype)
+    xs = [torch.randn(64, 256, 14, 14, device="cuda", dtype=dtype) for _ in range(3)]
+    dy = torch.randn(64, 256, 14, 14, device="cuda", dtype=dtype)
+
+    def fb(module):
+        def run(x):
+            xr = x.requires_grad_()
+            module(xr).backward(dy)
+            xr.grad = None
+            x.requires_grad_(False)
+            for p in module.parameters():
+                p.grad = None
+        return run
+
+    d_ms = {"fwd": bench(lambda x: dense(x), xs), "fwd+bwd": bench(fb(dense), xs)}
+    s_ms = {"fwd": bench(lambda x: sc(x), xs), "fwd+bwd": bench(fb(sc), xs)}
+    return {"dense_ms": d_ms, "sparsekern_ms": s_ms, "speedup_fwd": d_ms["fwd"] / s_ms["fwd"],
+            "speedup_fwd_bwd": d_ms["fwd+bwd"] / s_ms["fwd+bwd"]}
 
 
 def measure_rebuild(dtype):
@@ -250,26 +315,33 @@ def fmt(v, unit="x"):
     return "n/a" if v is None else f"{v:.2f}{unit}"
 
 
-def markdown(meta, rows, rebuild, targets):
+def markdown(meta, rows, rebuild, targets, conv=None):
     lines = [f"# GPU benchmark: {meta['gpu']} (sm {meta['sm']}), driver {meta['driver']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, {meta['date']}", "",
              "Speedup over dense cuBLAS `F.linear` in the same run (higher is better); roofline = "
              "speedup x density (1.0 = the 1/density ideal). n/a: the contender refused these inputs.", "",
-             "| dtype | shape | layout | density | kernel | dense ms | sparsekern | roofline | cuSPARSE CSR "
-             "| torch Triton BSR |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "CSR rows also time each GPU backend of sparsekern on its own (Triton; CUDA C++ when built).", "",
+             "| dtype | shape | layout | density | kernel | dense ms | sparsekern | roofline | sk Triton | sk CUDA C++ "
+             "| cuSPARSE CSR | torch Triton BSR |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for k in KINDS:
-            tt = r["speedup"].get("torch-triton-bsr", {}).get(k)
+            sp = r["speedup"]
+            col = {n: sp.get(n, {}).get(k) for n in ("torch-triton-bsr", "sparsekern-triton", "sparsekern-cuda")}
             lines.append(f"| {r['dtype']} | {r['shape']} | {r['layout']}{'' if r['block'] == 1 else r['block']} "
-                         f"| {r['density']} | {k} | {r['ms']['dense'][k]:.3f} | {fmt(r['speedup']['sparsekern'][k])} "
-                         f"| {fmt(r['roofline'][k], '')} | {fmt(r['speedup']['cusparse'][k])} | {fmt(tt)} |")
+                         f"| {r['density']} | {k} | {r['ms']['dense'][k]:.3f} | {fmt(sp['sparsekern'][k])} "
+                         f"| {fmt(r['roofline'][k], '')} | {fmt(col['sparsekern-triton'])} "
+                         f"| {fmt(col['sparsekern-cuda'])} | {fmt(sp['cusparse'][k])} | {fmt(col['torch-triton-bsr'])} |")
     if rebuild:
         lines += ["", "## Topology rebuild (RigL update of 30% of nnz + schedule) vs one forward SpMM", "",
                   "| layout | density | update ms | forward ms | ratio (target <= 1) |", "|---|---|---|---|---|"]
         for r in rebuild:
             lines.append(f"| {r['layout']}{'' if r['block'] == 1 else r['block']} | {r['density']} | "
                          f"{r['update_ms']:.3f} | {r['forward_ms']:.3f} | {r['ratio_to_forward']:.2f} |")
-    lines += ["", "## Targets (bf16, 4096x4096, 8192 rows, vs cuBLAS)", "", "| target | wanted | measured | met |",
+    if conv:
+        lines += ["", "## SparseConv2d 3x3 256->256, 14x14, batch 64, 90% sparsity (bf16) vs cuDNN", "",
+                  f"forward {conv['speedup_fwd']:.2f}x, forward+backward {conv['speedup_fwd_bwd']:.2f}x "
+                  f"(dense {conv['dense_ms']['fwd+bwd']:.3f} ms, sparse {conv['sparsekern_ms']['fwd+bwd']:.3f} ms)"]
+    lines += ["", "## Targets (4096x4096, 8192 rows, vs cuBLAS; conv vs cuDNN)", "", "| target | wanted | measured | met |",
               "|---|---|---|---|"]
     for name, want, got, met in targets:
         lines.append(f"| {name} | {want:.1f}x | {fmt(got)} | {'yes' if met else 'no'} |")
@@ -291,7 +363,7 @@ def main(argv=None):
     if args.dry_run:
         for c in cases:
             print("{} {} out={} in={} M={} {}{} density={}".format(*c[:6], "" if c[6] == 1 else c[6], c[7]))
-        print(f"{len(cases)} cases x {len(KINDS)} kernels; targets: "
+        print(f"{len(cases)} cases x {len(KINDS)} kernels, plus a sparse conv and a topology rebuild; targets: "
               + "; ".join(f"{n} >= {w}x" for n, w, _, _ in evaluate_targets([])))
         return 0
     if not torch.cuda.is_available():
@@ -313,11 +385,12 @@ def main(argv=None):
                      "block": b, "density": d, "ms": ms, "speedup": speedup, "roofline": roofline})
         torch.cuda.empty_cache()
     rebuild = measure_rebuild(DTYPES["bf16"]) if "bf16" in args.dtypes else []
-    targets = evaluate_targets(rows)
-    md = markdown(meta, rows, rebuild, targets)
+    conv = safe(lambda: measure_conv(DTYPES["bf16"])) if "bf16" in args.dtypes else None
+    targets = evaluate_targets(rows, conv)
+    md = markdown(meta, rows, rebuild, targets, conv)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_" + re.sub(r"[^A-Za-z0-9]+", "_", meta["gpu"]).strip("_").lower()
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows, "rebuild": rebuild,
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows, "rebuild": rebuild, "conv": conv,
                                                        "targets": targets, "refusals": sorted(safe.notes)},
                                                       indent=1))
     (args.out / f"{stem}.md").write_text(md)

@@ -30,11 +30,12 @@ def triton_missing_reason() -> str | None:
     return None
 
 
-def not_supported_reasons(device: torch.device, dtype: torch.dtype, block_size: int) -> list[str]:
-    """Why the Triton kernels cannot run ``dtype`` values of ``block_size`` on ``device``
-    (empty when they can). Does not import triton."""
+def not_supported_reasons(device: torch.device, dtype: torch.dtype, block_size: int,
+                          need_triton: bool = True) -> list[str]:
+    """Why the GPU kernels (Triton, or with ``need_triton=False`` the CUDA C++ ones) cannot
+    run ``dtype`` values of ``block_size`` on ``device`` (empty when they can). Does not import triton."""
     reasons = []
-    missing = triton_missing_reason()
+    missing = triton_missing_reason() if need_triton else None
     if missing:
         reasons.append(missing)
     if device.type == "cuda":
@@ -53,3 +54,22 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, block_size: 
         reasons.append(f"block_size {block_size} not in {list(BLOCK_SIZES[1:])} (tl.dot needs tiles "
                        f">= 16), and not CSR")
     return reasons
+
+
+def check_inputs(name, dense, values, topo, block_size, cols_expected, need_triton=True) -> None:
+    """Refuse (NotImplementedError) what the GPU kernels cannot run, raise ValueError/TypeError
+    naming a malformed input, and validate the topology (cached per version)."""
+    from sparsekern.gpu import schedule
+    reasons = not_supported_reasons(dense.device, values.dtype, block_size, need_triton)
+    if reasons:
+        raise NotImplementedError(f"sparsekern::{name} ({'triton' if need_triton else 'cuda'}): "
+                                  f"{'; '.join(reasons)}")
+    if dense.dtype != values.dtype:
+        raise TypeError(f"{name}: dense operand is {dense.dtype} but values are {values.dtype}")
+    for t_name, t in zip(("values", "row_offsets", "col_indices", "t_offsets", "t_indices", "t_perm"),
+                         (values,) + tuple(topo)):
+        if t.device != dense.device:
+            raise ValueError(f"{name}: {t_name} is on {t.device} but the dense operand is on {dense.device}")
+    if dense.dim() < 1 or dense.shape[-1] != cols_expected:
+        raise ValueError(f"{name}: dense operand has shape {tuple(dense.shape)}; expected [..., {cols_expected}]")
+    schedule.validated(values, *topo)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from sparsekern.gpu import INTERPRET, not_supported_reasons, schedule, tuning
+from sparsekern.gpu import INTERPRET, check_inputs, schedule, tuning
 from sparsekern.gpu.triton_bsr import bsr_sddmm_kernel, bsr_spmm_kernel
 from sparsekern.gpu.triton_csr import csr_sddmm_kernel, csr_spmm_kernel
 
@@ -27,21 +27,6 @@ def _INTERPRET_BF16(dtype):  # noqa: N802
     measured: 513 of 1024 values differ from round-to-nearest), so there the kernels
     store fp32 and the launcher rounds with torch. Compiled kernels round correctly."""
     return INTERPRET and dtype == torch.bfloat16
-
-
-def _check(name, dense, values, topo, block_size, cols_expected):
-    reasons = not_supported_reasons(dense.device, values.dtype, block_size)
-    if reasons:
-        raise NotImplementedError(f"sparsekern::{name} (triton): {'; '.join(reasons)}")
-    if dense.dtype != values.dtype:
-        raise TypeError(f"{name}: dense operand is {dense.dtype} but values are {values.dtype}")
-    for t_name, t in zip(("values", "row_offsets", "col_indices", "t_offsets", "t_indices", "t_perm"),
-                         (values,) + tuple(topo)):
-        if t.device != dense.device:
-            raise ValueError(f"{name}: {t_name} is on {t.device} but the dense operand is on {dense.device}")
-    if dense.dim() < 1 or dense.shape[-1] != cols_expected:
-        raise ValueError(f"{name}: dense operand has shape {tuple(dense.shape)}; expected [..., {cols_expected}]")
-    schedule.validated(values, *topo)
 
 
 def _flat(t):
@@ -126,7 +111,7 @@ def spmm(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias
     b = values.shape[-1] if values.dim() == 3 else 1
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
     topo = (row_offsets, col_indices, t_offsets, t_indices, t_perm)
-    _check("spmm", x, values, topo, b, C * b)
+    check_inputs("spmm", x, values, topo, b, C * b)
     if bias is not None and (bias.shape != (R * b,) or bias.device != x.device):
         raise ValueError(f"spmm: bias has shape {tuple(bias.shape)} on {bias.device}; expected ({R * b},) "
                          f"on {x.device}")
@@ -139,7 +124,7 @@ def spmm_t(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, *
     b = values.shape[-1] if values.dim() == 3 else 1
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
     topo = (row_offsets, col_indices, t_offsets, t_indices, t_perm)
-    _check("spmm_t", dy, values, topo, b, R * b)
+    check_inputs("spmm_t", dy, values, topo, b, R * b)
     dx = _spmm_any("spmm_t", _flat(dy), values, t_offsets, t_indices, t_perm, None, C, R, False, config)
     return dx.reshape(*dy.shape[:-1], C * b)
 
@@ -159,7 +144,7 @@ def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_s
     # values are not an input here: describe the weight by a zero-size stand-in of x's dtype.
     shape = (nnz,) if b == 1 else (nnz, b, b)
     probe = x.new_empty_strided(shape, (0,) * len(shape))  # one element of storage
-    _check("sddmm", x, probe, topo, b, C * b)
+    check_inputs("sddmm", x, probe, topo, b, C * b)
     if dy.shape[:-1] != x.shape[:-1] or dy.shape[-1] != R * b or dy.dtype != x.dtype or dy.device != x.device:
         raise ValueError(f"sddmm: dy is {dy.dtype} {tuple(dy.shape)} on {dy.device}; expected "
                          f"{x.dtype} {tuple(x.shape[:-1]) + (R * b,)} on {x.device}")

@@ -12,9 +12,10 @@ Which path runs where:
 backend        device    dtypes               implementation
 =============  ========  ===================  ============================================
 ``cpu``        CPU       float32, float64     C++/OpenMP kernels (``torch.ops.sparsekern``)
-``triton``     CUDA      float16, bfloat16,   Triton kernels (:mod:`sparsekern.gpu`) behind the
-                         float32              same ops; CSR and BSR blocks 16/32/64; conv as
-                                              im2col + those kernels
+``cuda``       CUDA      float16, bfloat16,   :mod:`sparsekern.gpu` behind the same ops: CSR on
+                         float32              the CUDA C++ kernels (csrc/cuda) when built, else
+                                              Triton; BSR 16/32/64 on Triton; conv as im2col +
+                                              those kernels
 ``reference``  any       any floating         pure torch gather/scatter (tests, debugging)
 =============  ========  ===================  ============================================
 """
@@ -43,9 +44,11 @@ class Backend:
             return [f"device {x.device.type} not in {list(self.devices)}"]
         if kind not in self.kinds:
             reasons.append(f"no {kind} kernel (this backend has {'/'.join(self.kinds)} only)")
-        if self.name == "triton":
+        if self.name == "cuda":
+            from sparsekern.gpu import route
             block = values.shape[-1] if values.dim() == 3 else 1
-            return reasons + gpu.not_supported_reasons(x.device, values.dtype, block)
+            need_triton = block > 1 or route._cpp_ops() is None     # CSR may run on the C++ kernels
+            return reasons + gpu.not_supported_reasons(x.device, values.dtype, block, need_triton)
         if self.dtypes is not None and values.dtype not in self.dtypes:
             reasons.append(f"dtype {values.dtype} not in {[str(d) for d in self.dtypes]}")
         if self.name == "cpu" and not _ext.available():
@@ -55,7 +58,7 @@ class Backend:
 
 BACKENDS = {
     "cpu": Backend("cpu", ("cpu",), (torch.float32, torch.float64), True, library),
-    "triton": Backend("triton", ("cuda",), gpu.DTYPES, True, library),
+    "cuda": Backend("cuda", ("cuda",), gpu.DTYPES, True, library),
     "reference": Backend("reference", (), None, False, reference),
 }
 
@@ -88,7 +91,7 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         weight: a :class:`~sparsekern.formats.CSRTopology` or ``BSRTopology``
             of shape (out_features, in_features).
         bias: optional float [out_features].
-        backend: "auto", "cpu", "triton" or "reference" (see module doc).
+        backend: "auto", "cpu", "cuda" or "reference" (see module doc).
 
     Returns:
         float [..., out_features], contiguous.

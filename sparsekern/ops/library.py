@@ -58,14 +58,10 @@ if not _ext.load():
 
 
 def _cuda_kernel(name):
-    """CUDA implementation of op ``name``: the Triton launcher, imported on first use."""
+    """CUDA implementation of op ``name``: the router (CUDA C++ or Triton), imported on first use."""
     def kernel(*args):
-        from sparsekern.gpu import triton_missing_reason
-        reason = triton_missing_reason()
-        if reason is not None:
-            raise NotImplementedError(f"sparsekern::{name} on CUDA runs Triton kernels, but {reason}")
-        from sparsekern.gpu import launch
-        return getattr(launch, name)(*args)
+        from sparsekern.gpu import route
+        return getattr(route, name)(*args)
 
     return kernel
 
