@@ -49,7 +49,13 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
     keep_idx = torch.nonzero(~drop).flatten()
     new_lin = torch.cat([old_lin[keep_idx], grow.to(old_lin.device)])
     src = torch.cat([keep_idx, torch.full((k,), -1, dtype=torch.int64, device=keep_idx.device)])
-    new_lin, order = torch.sort(new_lin)
+    # Positions are unique, so any sort gives the same order; int32 keys (when R*C fits)
+    # sort about twice as fast as int64 on CPU.
+    if R * C < 2**31:
+        order = torch.sort(new_lin.to(torch.int32)).indices
+        new_lin = new_lin[order]
+    else:
+        new_lin, order = torch.sort(new_lin)
     src = src[order]
     if new_lin.numel() > 1 and bool((new_lin[1:] == new_lin[:-1]).any()):
         raise ValueError("grow contains a position that is still active (or repeats one)")
