@@ -163,9 +163,17 @@ def test_untuned_configs_still_run_correctly():
     topo = topo_on(out_f, in_f, 0.3, "csr", 1)
     x = torch.randn(M, in_f, device=DEV)
     ref = sk.ops.reference.spmm(x.double(), topo.values.detach().double(), *topo.topology())
-    for cfg in (LaunchConfig(block_m=16, block_r=4), LaunchConfig(block_m=32, block_r=32, seg_mult=0.5)):
+    dy = torch.randn(M, out_f, device=DEV)
+    dw_ref = sk.ops.reference.sddmm(dy.double(), x.double(), *topo.topology(), 1)
+    dx_ref = sk.ops.reference.spmm_t(dy.double(), topo.values.detach().double(), *topo.topology())
+    for cfg in (LaunchConfig(block_m=16, block_r=4), LaunchConfig(block_m=32, block_r=32, seg_mult=0.5),
+                LaunchConfig(block_m=16, block_r=8, block_nz=16, transpose_dense=True)):
         y = launch.spmm(x, topo.values.detach().float(), *topo.topology(), config=cfg)
         assert rel_err(y, ref) < 2e-5
+        dx = launch.spmm_t(dy, topo.values.detach().float(), *topo.topology(), config=cfg)
+        assert rel_err(dx, dx_ref) < 2e-5
+        for split in (1, 2):
+            assert rel_err(launch.sddmm(dy, x, *topo.topology(), 1, config=cfg, split=split), dw_ref) < 2e-5
 
 
 def test_cache_follows_an_in_place_topology_rebuild():

@@ -61,7 +61,7 @@ def variants(quick: bool = False):
                 sig = {"x_ptr": p, "v_ptr": p, "cols_ptr": "*i32", "perm_ptr": "*i32", "seg_row_ptr": "*i32",
                        "seg_start_ptr": "*i32", "seg_len_ptr": "*i32", "bias_ptr": p,
                        "y_ptr": "*fp32" if atomic else p, "M": "i32", "n_groups": "i32", "stride_xm": "i32",
-                       "stride_ym": "i32"}
+                       "stride_xk": "i32", "stride_ym": "i32"}
                 const = {"BLOCK_M": cfg.block_m, "BLOCK_R": cfg.block_r, "HAS_PERM": perm, "HAS_BIAS": not perm,
                          "ATOMIC": atomic}
                 yield f"csr_spmm {dt} perm={perm} atomic={atomic} {cfg}", csr_spmm_kernel, sig, const, cfg
@@ -69,7 +69,7 @@ def variants(quick: bool = False):
             for atomic in (False, True):
                 sig = {"dy_ptr": p, "x_ptr": p, "rows_ptr": "*i32", "cols_ptr": "*i32",
                        "out_ptr": "*fp32" if atomic else p, "nnz": "i32", "M": "i32", "m_per_split": "i32",
-                       "stride_dym": "i32", "stride_xm": "i32"}
+                       "stride_dym": "i32", "stride_dyr": "i32", "stride_xm": "i32", "stride_xk": "i32"}
                 const = {"BLOCK_NZ": cfg.block_nz, "BLOCK_M": cfg.block_m, "ATOMIC": atomic}
                 yield f"csr_sddmm {dt} atomic={atomic} {cfg}", csr_sddmm_kernel, sig, const, cfg
 

@@ -90,10 +90,11 @@ def _spmm_any(name, x2, values, offsets, indices, perm, bias, out_blocks, in_blo
     y = (torch.zeros if atomic else torch.empty)(M, out_cols, dtype=torch.float32 if wide else values.dtype,
                                                  device=dev)
     grid = (sch.n_groups * triton.cdiv(M, cfg.block_m),)
+    xs = x2.t().contiguous().t() if cfg.transpose_dense else x2       # same shape, feature-major strides
     _launch(csr_spmm_kernel, grid, dev,
-            x2, values, indices, perm if perm is not None else indices, sch.seg_row, sch.seg_start,
+            xs, values, indices, perm if perm is not None else indices, sch.seg_row, sch.seg_start,
             sch.seg_len, bias if bias is not None else values, y,
-            M, sch.n_groups, x2.stride(0), y.stride(0),
+            M, sch.n_groups, xs.stride(0), xs.stride(1), y.stride(0),
             BLOCK_M=cfg.block_m, BLOCK_R=cfg.block_r, HAS_PERM=perm is not None,
             HAS_BIAS=bias is not None, ATOMIC=atomic,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -170,8 +171,11 @@ def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_s
                     PRECISION=_precision() if not INTERPRET else "ieee",
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         else:
+            if cfg.transpose_dense:
+                dy2, x2 = dy2.t().contiguous().t(), x2.t().contiguous().t()
             _launch(csr_sddmm_kernel, (items, split), dev,
-                    dy2, x2, rows, col_indices, out, nnz, M, m_per_split, dy2.stride(0), x2.stride(0),
+                    dy2, x2, rows, col_indices, out, nnz, M, m_per_split, dy2.stride(0), dy2.stride(1),
+                    x2.stride(0), x2.stride(1),
                     BLOCK_NZ=cfg.block_nz, BLOCK_M=cfg.block_m, ATOMIC=atomic,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out.to(x.dtype)

@@ -17,7 +17,11 @@ reads values through ``t_perm`` (``HAS_PERM``): no transposed copy of the values
 ``csr_sddmm_kernel`` is parallel over nonzeros (``BLOCK_NZ`` per program), the
 batch optionally split over grid axis 1 with fp32 atomics.
 
-All arithmetic is fp32 whatever the storage dtype.
+All arithmetic is fp32 whatever the storage dtype. The dense operands are read through
+both strides, so the launcher can hand them over row-major (``[M, features]``) or
+feature-major (a transposed copy, ``LaunchConfig.transpose_dense``): feature-major makes
+each gathered column a contiguous run of ``BLOCK_M`` batch rows (coalesced), at the cost
+of one transpose. Which wins is for the GPU tuning sweep to decide.
 """
 import triton
 import triton.language as tl
@@ -26,7 +30,7 @@ import triton.language as tl
 @triton.jit
 def csr_spmm_kernel(
     x_ptr, v_ptr, cols_ptr, perm_ptr, seg_row_ptr, seg_start_ptr, seg_len_ptr, bias_ptr, y_ptr,
-    M, n_groups, stride_xm, stride_ym,
+    M, n_groups, stride_xm, stride_xk, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
 ):
@@ -50,7 +54,7 @@ def csr_spmm_kernel(
         else:
             vi = idx
         v = tl.load(v_ptr + vi, mask=valid, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + c[None, :],
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + c[None, :] * stride_xk,
                     mask=m_mask[:, None] & valid[None, :], other=0.0).to(tl.float32)
         acc += x * v[None, :]
     live = rows >= 0
@@ -68,7 +72,7 @@ def csr_spmm_kernel(
 @triton.jit
 def csr_sddmm_kernel(
     dy_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr,
-    nnz, M, m_per_split, stride_dym, stride_xm,
+    nnz, M, m_per_split, stride_dym, stride_dyr, stride_xm, stride_xk,
     BLOCK_NZ: tl.constexpr, BLOCK_M: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     # dW[k] = sum_m dY[m, row_k] * X[m, col_k] over this program's share of the batch.
@@ -84,8 +88,8 @@ def csr_sddmm_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mk = (offs_m < m_hi)[:, None] & nz_mask[None, :]
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + r[None, :], mask=mk, other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + c[None, :], mask=mk, other=0.0)
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + r[None, :] * stride_dyr, mask=mk, other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + c[None, :] * stride_xk, mask=mk, other=0.0)
         acc += tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0)
     if ATOMIC:
         tl.atomic_add(out_ptr + offs, acc, mask=nz_mask)

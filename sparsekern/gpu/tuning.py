@@ -26,7 +26,8 @@ _DT = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 class LaunchConfig:
     """BLOCK_M batch rows per program; BLOCK_R (CSR SpMM) segments per program;
     BLOCK_NZ (CSR SDDMM) nonzeros per program; seg_mult: CSR segment cap as a multiple
-    of the mean row length; num_warps/num_stages as in ``triton.Config``."""
+    of the mean row length; num_warps/num_stages as in ``triton.Config``; transpose_dense (CSR):
+    hand the kernels feature-major copies of the dense operands (coalesced gathers)."""
 
     block_m: int = 64
     block_r: int = 32
@@ -34,6 +35,7 @@ class LaunchConfig:
     seg_mult: float = 2.0
     num_warps: int = 4
     num_stages: int = 3
+    transpose_dense: bool = False   # CSR: read the dense operands feature-major (a transposed copy)
 
 
 def density_bucket(density: float) -> float:
@@ -65,8 +67,8 @@ TABLE[("sddmm", 1, None, "f32")] = LaunchConfig(block_m=32, block_nz=128, num_wa
 CANDIDATES = {
     "bsr": [LaunchConfig(block_m=m, num_warps=w, num_stages=s)
             for m in (64, 128) for w in (4, 8) for s in (2, 3, 4)],
-    "csr": [LaunchConfig(block_m=m, block_r=r, block_nz=n, num_warps=w, num_stages=2)
-            for m in (32, 64, 128) for r in (16, 32) for n in (64, 128) for w in (4, 8)],
+    "csr": [LaunchConfig(block_m=m, block_r=r, block_nz=n, num_warps=w, num_stages=2, transpose_dense=t)
+            for m in (32, 64, 128) for r in (16, 32) for n in (64, 128) for w in (4, 8) for t in (False, True)],
 }
 
 
