@@ -5,6 +5,8 @@ Public API:
     SparseConv2d                 drop-in nn.Conv2d with a CSR/BSR weight
     sparsify, densify            swap every nn.Linear/nn.Conv2d of a model for its sparse twin and back
     dst.RigL, dst.SET, dst.Static dynamic sparse training that rewires the indices in place
+    methods                      the papers' methods: SupTickets, EDST/TicketEnsemble, trainable thresholds,
+                                 the gradient-flow study
     CSRTopology, BSRTopology     sparse weight containers (values + indices + transpose)
     sparse_linear                functional y = x W^T + b
     sparse_conv2d, conv_geometry functional conv with a sparse weight
@@ -16,6 +18,7 @@ from sparsekern.nn import SparseConv2d, SparseLinear
 from sparsekern.ops import BACKENDS, conv_geometry, select_backend, sparse_conv2d, sparse_linear
 from sparsekern.sparsify import SparsityReport, densify, sparsify
 from sparsekern import dst  # noqa: E402  (needs nn)
+from sparsekern import methods  # noqa: E402  (needs dst)
 
 __version__ = "0.1.0"
 extension_available = _ext.available
@@ -23,5 +26,5 @@ extension_available = _ext.available
 __all__ = [
     "SparseLinear", "SparseConv2d", "CSRTopology", "BSRTopology", "SparseTopology", "check_structure",
     "sparse_linear", "sparse_conv2d", "conv_geometry", "select_backend", "BACKENDS", "extension_available",
-    "sparsify", "densify", "SparsityReport", "dst",
+    "sparsify", "densify", "SparsityReport", "dst", "methods",
 ]
