@@ -14,7 +14,7 @@ from sparsekern.ops import reference as ref
 from tests.conftest import make_topology
 
 interp_only = pytest.mark.skipif(not INTERPRET, reason="drives CPU tensors through the GPU glue (interpreter mode)")
-cpp_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and route._cpp_ops() is not None),
+cpp_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and route.cpp_ops() is not None),
                              reason="needs a CUDA GPU and the built CUDA C++ kernels")
 
 
@@ -50,7 +50,7 @@ class StandInCpp:
 @pytest.fixture
 def cpp(monkeypatch):
     StandInCpp.calls = []
-    monkeypatch.setattr(route, "_cpp_ops", lambda: StandInCpp)
+    monkeypatch.setattr(route, "cpp_ops", lambda: StandInCpp)
     monkeypatch.setattr(route, "cuda_cpp_reasons",
                         lambda values, device: [] if values.dim() == 1 else ["BSR weights run on the Triton kernels"])
     return StandInCpp
@@ -101,7 +101,7 @@ def test_bsr_goes_to_triton_and_env_forcing(cpp, monkeypatch):
 @interp_only
 def test_without_the_cpp_kernels_everything_is_triton():
     csr = make_topology(8, 8, 0.5, "csr", dtype=torch.float32)
-    if route._cpp_ops() is None:
+    if route.cpp_ops() is None:
         assert "not built" in route.cuda_cpp_reasons(csr.values, torch.device("cuda"))[0]
         assert route.choose(csr.values, torch.device("cpu")) == "triton"
     x = torch.randn(3, 8)

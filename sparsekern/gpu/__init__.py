@@ -56,6 +56,13 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, block_size: 
     return reasons
 
 
+def values_probe(like: torch.Tensor, nnz: int, block_size: int) -> torch.Tensor:
+    """A values-shaped stand-in ([nnz] or [nnz, b, b], ``like``'s dtype and device) with one
+    element of storage: describes the weight to the checks when only its structure is an input."""
+    shape = (nnz,) if block_size == 1 else (nnz, block_size, block_size)
+    return like.new_empty_strided(shape, (0,) * len(shape))
+
+
 def check_inputs(name, dense, values, topo, block_size, cols_expected, need_triton=True) -> None:
     """Refuse (NotImplementedError) what the GPU kernels cannot run, raise ValueError/TypeError
     naming a malformed input, and validate the topology (cached per version)."""

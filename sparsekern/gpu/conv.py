@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern.formats import row_ids, transpose_metadata
-from sparsekern.gpu import schedule
+from sparsekern.gpu import schedule, values_probe
 
 
 def _ops():
@@ -92,8 +92,7 @@ def conv2d_dw(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, geo
     kh, kw, groups = geometry[0], geometry[1], geometry[10]
     b = int(block_size)
     nnz = col_indices.numel()
-    shape = (nnz,) if b == 1 else (nnz, b, b)
-    probe = x.new_empty_strided(shape, (0,) * len(shape))
+    probe = values_probe(x, nnz, b)
     topo = grouped_topology(probe, row_offsets, col_indices, t_offsets, t_indices, t_perm, groups, x.shape[1],
                             kh, kw)
     cols, _ = _unfold_rows(x.contiguous(), geometry)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from sparsekern.gpu import INTERPRET, check_inputs, schedule, tuning
+from sparsekern.gpu import INTERPRET, check_inputs, schedule, tuning, values_probe
 from sparsekern.gpu.triton_bsr import bsr_sddmm_kernel, bsr_spmm_kernel
 from sparsekern.gpu.triton_csr import csr_sddmm_kernel, csr_spmm_kernel
 
@@ -142,9 +142,7 @@ def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_s
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
     topo = (row_offsets, col_indices, t_offsets, t_indices, t_perm)
     nnz = col_indices.numel()
-    # values are not an input here: describe the weight by a zero-size stand-in of x's dtype.
-    shape = (nnz,) if b == 1 else (nnz, b, b)
-    probe = x.new_empty_strided(shape, (0,) * len(shape))  # one element of storage
+    probe = values_probe(x, nnz, b)
     check_inputs("sddmm", x, probe, topo, b, C * b)
     if dy.shape[:-1] != x.shape[:-1] or dy.shape[-1] != R * b or dy.dtype != x.dtype or dy.device != x.device:
         raise ValueError(f"sddmm: dy is {dy.dtype} {tuple(dy.shape)} on {dy.device}; expected "

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from sparsekern.gpu import DTYPES, check_inputs, schedule
+from sparsekern.gpu import DTYPES, check_inputs, schedule, values_probe
 
 ENV = "SPARSEKERN_GPU_BACKEND"
 # The tensor-core path pays at 70-90% sparsity (a densified tile still has work);
@@ -27,7 +27,7 @@ ENV = "SPARSEKERN_GPU_BACKEND"
 TENSOR_CORE_MIN_DENSITY = 0.1
 
 
-def _cpp_ops():
+def cpp_ops():
     """The compiled CUDA C++ ops (``torch.ops.sparsekern_cuda``), or None when not built."""
     try:
         ns = torch.ops.sparsekern_cuda
@@ -40,7 +40,7 @@ def _cpp_ops():
 def cuda_cpp_reasons(values: torch.Tensor, device: torch.device) -> list[str]:
     """Why the CUDA C++ kernels cannot run this weight (empty when they can)."""
     reasons = []
-    if _cpp_ops() is None:
+    if cpp_ops() is None:
         reasons.append("the CUDA C++ kernels are not built (built only with a CUDA torch and nvcc)")
     if device.type != "cuda":
         reasons.append(f"device {device.type} is not CUDA")
@@ -101,7 +101,7 @@ def spmm(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
     check_inputs("spmm", x, values, (row_offsets, col_indices, t_offsets, t_indices, t_perm), 1, C, False)
     tc = values.dtype != torch.float32 and _density(values, R, C) >= TENSOR_CORE_MIN_DENSITY
-    y_t = _cpp_ops().csr_spmm_t(_flat_t(x), values, row_offsets, narrow_indices(row_offsets, col_indices, C),
+    y_t = cpp_ops().csr_spmm_t(_flat_t(x), values, row_offsets, narrow_indices(row_offsets, col_indices, C),
                                 None, schedule.row_order(row_offsets, col_indices), bias, False, tc)
     return y_t.t().contiguous().reshape(*x.shape[:-1], R)
 
@@ -113,7 +113,7 @@ def spmm_t(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm):
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
     check_inputs("spmm_t", dy, values, (row_offsets, col_indices, t_offsets, t_indices, t_perm), 1, R, False)
     tc = values.dtype != torch.float32 and _density(values, R, C) >= TENSOR_CORE_MIN_DENSITY
-    dx_t = _cpp_ops().csr_spmm_t(_flat_t(dy), values, t_offsets, narrow_indices(t_offsets, t_indices, R), t_perm,
+    dx_t = cpp_ops().csr_spmm_t(_flat_t(dy), values, t_offsets, narrow_indices(t_offsets, t_indices, R), t_perm,
                                  schedule.row_order(t_offsets, t_indices), None, False, tc)
     return dx_t.t().contiguous().reshape(*dy.shape[:-1], C)
 
@@ -122,8 +122,7 @@ def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_s
     """dW [nnz] (CSR) or [nnz, b, b]: (dy^T x) at W's nonzeros, summed over leading dims."""
     b = int(block_size)
     nnz = col_indices.numel()
-    shape = (nnz,) if b == 1 else (nnz, b, b)
-    probe = x.new_empty_strided(shape, (0,) * len(shape))
+    probe = values_probe(x, nnz, b)
     if choose(probe, x.device) == "triton":
         return _launch().sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, b)
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
@@ -131,5 +130,5 @@ def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_s
     if dy.shape[:-1] != x.shape[:-1] or dy.shape[-1] != R or dy.dtype != x.dtype:
         raise ValueError(f"sddmm: dy is {dy.dtype} {tuple(dy.shape)}; expected {x.dtype} "
                          f"{tuple(x.shape[:-1]) + (R,)}")
-    return _cpp_ops().csr_sddmm_t(_flat_t(dy), _flat_t(x), schedule.row_ids(row_offsets, col_indices),
+    return cpp_ops().csr_sddmm_t(_flat_t(dy), _flat_t(x), schedule.row_ids(row_offsets, col_indices),
                                   narrow_indices(row_offsets, col_indices, C))

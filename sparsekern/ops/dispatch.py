@@ -47,7 +47,7 @@ class Backend:
         if self.name == "cuda":
             from sparsekern.gpu import route
             block = values.shape[-1] if values.dim() == 3 else 1
-            need_triton = block > 1 or route._cpp_ops() is None     # CSR may run on the C++ kernels
+            need_triton = block > 1 or route.cpp_ops() is None     # CSR may run on the C++ kernels
             return reasons + gpu.not_supported_reasons(x.device, values.dtype, block, need_triton)
         if self.dtypes is not None and values.dtype not in self.dtypes:
             reasons.append(f"dtype {values.dtype} not in {[str(d) for d in self.dtypes]}")
