@@ -85,6 +85,7 @@ BSR_CONFIGS = [  # Cout and Cin/groups*kh*kw multiples of the block
     ((2, 16, 8, 6, 5, 3, 1, 1, 1, 2), 4),
     ((2, 16, 16, 7, 9, 3, 2, 1, 1, 1), 8),
     ((1, 32, 16, 5, 5, 3, 1, 1, 1, 1), 16),
+    ((2, 32, 16, 5, 6, 1, 1, 0, 1, 8), 4),   # a block row spans two groups (2 channels each)
 ]
 
 

@@ -102,6 +102,28 @@ inline typename ConvVec<scalar_t>::V load_lanes(const scalar_t* p, int lo, int h
   return v;
 }
 
+// v moved up by k lanes (k in [0, W]): lane i takes lane i - k, zeros below k.
+template <typename scalar_t>
+inline typename ConvVec<scalar_t>::V lanes_up(typename ConvVec<scalar_t>::V v, int k) {
+  using V = typename ConvVec<scalar_t>::V;
+  constexpr int W = ConvVec<scalar_t>::W;
+  if (k <= 0) return v;
+  if (k >= W) return V{};
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    const __m512i idx = _mm512_sub_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(k));
+    return (V)_mm512_maskz_permutexvar_ps(static_cast<__mmask16>(~((1u << k) - 1)), idx, (__m512)v);
+  } else {
+    const __m512i idx = _mm512_sub_epi64(_mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi64(k));
+    return (V)_mm512_maskz_permutexvar_pd(static_cast<__mmask8>(~((1u << k) - 1)), idx, (__m512d)v);
+  }
+#endif
+  V r = {};
+  for (int i = k; i < W; ++i) r[i] = v[i - k];
+  return r;
+}
+
 template <typename scalar_t>
 inline scalar_t hsum_v(typename ConvVec<scalar_t>::V v) {
 #if defined(__AVX512F__)

@@ -158,21 +158,37 @@ struct Entries {
   int64_t planes() const { return static_cast<int64_t>(rowptr.size()) - 1; }
 };
 
-// enumerate(f) calls f(plane, offset, value index) once per weight element;
-// entries are bucketed by plane, keeping their enumeration order.
-template <typename Enumerate>
-Entries bucket_entries(int64_t planes, Enumerate&& enumerate) {
+
+// enumerate(p, f) calls f(offset, value index) once per weight element of
+// plane p, the same elements in the same order on every call. It runs twice
+// per plane, in parallel over planes: to count, then to fill; finish(j0, j1)
+// may then reorder a plane's entries.
+template <typename Enumerate, typename Finish>
+Entries build_entries(int64_t planes, Enumerate&& enumerate, Finish&& finish) {
   Entries e;
   e.rowptr.assign(planes + 1, 0);
-  enumerate([&](int64_t p, int64_t, int64_t) { ++e.rowptr[p + 1]; });
+  at::parallel_for(0, planes, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t n = 0;
+      enumerate(p, [&](int64_t, int64_t) { ++n; });
+      e.rowptr[p + 1] = n;
+    }
+  });
   for (int64_t p = 0; p < planes; ++p) e.rowptr[p + 1] += e.rowptr[p];
   e.eoff.resize(e.rowptr.back());
   e.vidx.resize(e.rowptr.back());
-  std::vector<int64_t> fill(e.rowptr.begin(), e.rowptr.end() - 1);
-  enumerate([&](int64_t p, int64_t off, int64_t v) {
-    const int64_t j = fill[p]++;
-    e.eoff[j] = static_cast<int32_t>(off);
-    e.vidx[j] = static_cast<int32_t>(v);
+  at::parallel_for(0, planes, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t j = e.rowptr[p];
+      const int64_t end = e.rowptr[p + 1];
+      enumerate(p, [&](int64_t off, int64_t v) {
+        if (j < end) e.eoff[j] = static_cast<int32_t>(off), e.vidx[j] = static_cast<int32_t>(v);
+        ++j;
+      });
+      TORCH_INTERNAL_ASSERT(j == end, "conv entries: plane ", p, " enumerated ", j - e.rowptr[p],
+                            " elements, counted ", end - e.rowptr[p]);
+      finish(e, e.rowptr[p], end);
+    }
   });
   return e;
 }
@@ -185,20 +201,21 @@ Entries forward_entries(const ConvShape& s, const at::Tensor& row_offsets,
   const int64_t bs = s.tv.bs;
   const int32_t* ro = row_offsets.data_ptr<int32_t>();
   const int32_t* ci = col_indices.data_ptr<int32_t>();
-  return bucket_entries(s.Cout, [&](auto&& f) {
-    for (int64_t co = 0; co < s.Cout; ++co) {
-      const int64_t R = co / bs, r = co % bs, grp = co / s.cout_g;
-      for (int64_t blk = ro[R]; blk < ro[R + 1]; ++blk) {
-        for (int64_t c = 0; c < bs; ++c) {
-          const int64_t col = static_cast<int64_t>(ci[blk]) * bs + c;
-          const int64_t cin = grp * s.cin_g + col / s.khkw, k = col % s.khkw;
-          const int64_t ah = (k / g.kw) * g.dh, aw = (k % g.kw) * g.dw;
-          const int64_t phase = (ah % g.sh) * g.sw + aw % g.sw;
-          f(co, ((phase * s.Cin + cin) * Hs + ah / g.sh) * Ws + aw / g.sw, (blk * bs + r) * bs + c);
+  return build_entries(
+      s.Cout,
+      [&](int64_t co, auto&& f) {
+        const int64_t R = co / bs, r = co % bs, grp = co / s.cout_g;
+        for (int64_t blk = ro[R]; blk < ro[R + 1]; ++blk) {
+          for (int64_t c = 0; c < bs; ++c) {
+            const int64_t col = static_cast<int64_t>(ci[blk]) * bs + c;
+            const int64_t cin = grp * s.cin_g + col / s.khkw, k = col % s.khkw;
+            const int64_t ah = (k / g.kw) * g.dh, aw = (k % g.kw) * g.dw;
+            const int64_t phase = (ah % g.sh) * g.sw + aw % g.sw;
+            f(((phase * s.Cin + cin) * Hs + ah / g.sh) * Ws + aw / g.sw, (blk * bs + r) * bs + c);
+          }
         }
-      }
-    }
-  });
+      },
+      [](Entries&, int64_t, int64_t) {});
 }
 
 // Entries of dX's planes (Cin of them) read from W^T's metadata (t_offsets,
@@ -211,33 +228,39 @@ Entries transpose_entries(const ConvShape& s, const at::Tensor& t_offsets,
                           const at::Tensor& t_indices, const at::Tensor& t_perm, int64_t Hs,
                           int64_t Ws) {
   const Geom& g = s.g;
-  const int64_t bs = s.tv.bs, kg = s.cin_g * s.khkw;
+  const int64_t bs = s.tv.bs;
   const int32_t* to = t_offsets.data_ptr<int32_t>();
   const int32_t* ti = t_indices.data_ptr<int32_t>();
   const int32_t* tp = t_perm.data_ptr<int32_t>();
-  Entries e = bucket_entries(s.Cin, [&](auto&& f) {
-    for (int64_t k = 0; k < kg; ++k) {
-      const int64_t cb = k / bs, i = k % bs, kk = k % s.khkw;
-      const int64_t shift = (g.kh - 1 - kk / g.kw) * g.dh * Ws + (g.kw - 1 - kk % g.kw) * g.dw;
-      for (int64_t jj = to[cb]; jj < to[cb + 1]; ++jj)
-        for (int64_t r = 0; r < bs; ++r) {
-          const int64_t co = static_cast<int64_t>(ti[jj]) * bs + r;
-          f((co / s.cout_g) * s.cin_g + k / s.khkw, co * Hs * Ws + shift,
-            (static_cast<int64_t>(tp[jj]) * bs + r) * bs + i);
+  return build_entries(
+      s.Cin,
+      [&](int64_t plane, auto&& f) {
+        // plane = group * cin_g + ci; its columns are ci * khkw + kk of every
+        // group, and only rows (co) of its own group feed it.
+        const int64_t grp = plane / s.cin_g, cil = plane % s.cin_g;
+        for (int64_t kk = 0; kk < s.khkw; ++kk) {
+          const int64_t k = cil * s.khkw + kk, cb = k / bs, i = k % bs;
+          const int64_t shift = (g.kh - 1 - kk / g.kw) * g.dh * Ws + (g.kw - 1 - kk % g.kw) * g.dw;
+          // W^T's column cb lists its rows in order: only the block rows that
+          // hold this group's output channels are visited.
+          const int32_t* j0 = std::lower_bound(ti + to[cb], ti + to[cb + 1],
+                                               static_cast<int32_t>(grp * s.cout_g / bs));
+          const int32_t* j1 = std::lower_bound(
+              j0, ti + to[cb + 1], static_cast<int32_t>(((grp + 1) * s.cout_g + bs - 1) / bs));
+          for (int64_t jj = j0 - ti; jj < j1 - ti; ++jj)
+            for (int64_t r = 0; r < bs; ++r) {
+              const int64_t co = static_cast<int64_t>(ti[jj]) * bs + r;
+              if (co / s.cout_g != grp) continue;
+              f(co * Hs * Ws + shift, (static_cast<int64_t>(tp[jj]) * bs + r) * bs + i);
+            }
         }
-    }
-  });
-  at::parallel_for(0, s.Cin, 16, [&](int64_t p0, int64_t p1) {
-    std::vector<std::pair<int32_t, int32_t>> tmp;
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t j0 = e.rowptr[p], j1 = e.rowptr[p + 1];
-      tmp.resize(j1 - j0);
-      for (int64_t j = j0; j < j1; ++j) tmp[j - j0] = {e.eoff[j], e.vidx[j]};
-      std::sort(tmp.begin(), tmp.end());
-      for (int64_t j = j0; j < j1; ++j) std::tie(e.eoff[j], e.vidx[j]) = tmp[j - j0];
-    }
-  });
-  return e;
+      },
+      [](Entries& e, int64_t j0, int64_t j1) {
+        std::vector<std::pair<int32_t, int32_t>> tmp(j1 - j0);
+        for (int64_t j = j0; j < j1; ++j) tmp[j - j0] = {e.eoff[j], e.vidx[j]};
+        std::sort(tmp.begin(), tmp.end());
+        for (int64_t j = j0; j < j1; ++j) std::tie(e.eoff[j], e.vidx[j]) = tmp[j - j0];
+      });
 }
 
 int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -263,11 +286,30 @@ void copy_plane(const ShiftSpec& sp, int64_t n, int64_t q, scalar_t* d) {
   // columns j with 0 <= j*sw + b - off_l < W
   const int64_t jlo = std::min(Ws, std::max<int64_t>(0, -floordiv(b - sp.off_l, sw)));
   const int64_t jhi = std::max(jlo, std::min(Ws, floordiv(W - 1 - b + sp.off_l, sw) + 1));
+  constexpr int VW = ConvVec<scalar_t>::W;
   for (int64_t i = 0; i < sp.Hs; ++i) {
     scalar_t* drow = d + i * Ws;
     const int64_t ih = i * sp.sh + a - sp.off_t;
     if (ih < 0 || ih >= H || jhi <= jlo) {
       std::fill(drow, drow + Ws, scalar_t(0));
+      continue;
+    }
+    if (sw == 1 && s3 == 1) {
+      // Whole vectors: masked loads read only columns [jlo, jhi) of the source
+      // row (column j of drow is source column j - off_l), zeros elsewhere.
+      const scalar_t* srow0 = plane + ih * s2;
+      for (int64_t j0 = 0; j0 < Ws; j0 += VW) {
+        const int lo = static_cast<int>(std::max<int64_t>(jlo - j0, 0));
+        const int hi = static_cast<int>(std::min<int64_t>(jhi - j0, VW));
+        typename ConvVec<scalar_t>::V v = {};
+        if (hi > lo) {
+          // lanes [lo, hi) of the vector at source column j0 - off_l; point at
+          // lane lo so that no address outside the row is formed.
+          const scalar_t* q = srow0 + (j0 + lo - sp.off_l);
+          v = lanes_up<scalar_t>(load_lanes<scalar_t>(q, 0, hi - lo), lo);
+        }
+        store_first<scalar_t>(drow + j0, v, static_cast<int>(std::min<int64_t>(VW, Ws - j0)));
+      }
       continue;
     }
     std::fill(drow, drow + jlo, scalar_t(0));
@@ -308,7 +350,7 @@ int64_t row_width(int64_t need, int64_t vw) {
 // threads split the output planes over one shared copy of all images.
 // (3x3 256->256 14x14 batch 32, 95% sparse, 2 threads: forward 6.2 -> 4.9 ms.)
 template <typename scalar_t>
-void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64_t OH, int64_t OW,
+void run_bands(BandKind kind, const Plan& pl, Entries e, int64_t N, int64_t OH, int64_t OW,
                const scalar_t* vals, const ShiftSpec& sp, const scalar_t* bias, scalar_t* out,
                const scalar_t* dy, int64_t nout) {
   const int64_t planes = e.planes(), Ws = sp.Ws, img = sp.img(), slack = pl.tile_w + Ws;
@@ -320,7 +362,9 @@ void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64
   std::vector<scalar_t> w;
   if (kind == BandKind::kGather) {
     w.resize(e.vidx.size());
-    for (size_t j = 0; j < w.size(); ++j) w[j] = vals[e.vidx[j]];
+    at::parallel_for(0, static_cast<int64_t>(w.size()), 4096, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) w[j] = vals[e.vidx[j]];
+    });
   }
   const int nth_all = at::get_num_threads();
   const bool by_image = nth_all > 1 && N >= 2 * nth_all;
@@ -434,8 +478,8 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values, const at
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparsekern_conv2d_cpu", [&] {
     const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
     const ShiftSpec sp = phase_spec(s, x_in, ConvVec<scalar_t>::W);
-    const Entries e = forward_entries(s, row_offsets, col_indices, sp.Hs, sp.Ws);
-    run_bands<scalar_t>(BandKind::kGather, pl, e, s.N, s.OH, s.OW, values.data_ptr<scalar_t>(), sp,
+    Entries e = forward_entries(s, row_offsets, col_indices, sp.Hs, sp.Ws);
+    run_bands<scalar_t>(BandKind::kGather, pl, std::move(e), s.N, s.OH, s.OW, values.data_ptr<scalar_t>(), sp,
                         b.defined() ? b.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
                         nullptr, 0);
   });
@@ -477,8 +521,8 @@ at::Tensor conv2d_dx_cpu(const at::Tensor& dy_in, const at::Tensor& values,
       const ShiftSpec sp{dy, 1, 1, (g.kh - 1) * g.dh - g.pt, (g.kw - 1) * g.dw - g.pl,
                          s.H + (g.kh - 1) * g.dh,
                          row_width(s.W + (g.kw - 1) * g.dw, ConvVec<scalar_t>::W)};
-      const Entries e = transpose_entries(s, t_offsets, t_indices, t_perm, sp.Hs, sp.Ws);
-      run_bands<scalar_t>(BandKind::kGather, pl, e, s.N, s.H, s.W, vals, sp, nullptr,
+      Entries e = transpose_entries(s, t_offsets, t_indices, t_perm, sp.Hs, sp.Ws);
+      run_bands<scalar_t>(BandKind::kGather, pl, std::move(e), s.N, s.H, s.W, vals, sp, nullptr,
                           dx.data_ptr<scalar_t>(), nullptr, 0);
       return;
     }
@@ -567,8 +611,8 @@ at::Tensor conv2d_dw_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sparsekern_conv2d_dw_cpu", [&] {
     const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
     const ShiftSpec sp = phase_spec(s, x_in, ConvVec<scalar_t>::W);
-    const Entries e = forward_entries(s, row_offsets, col_indices, sp.Hs, sp.Ws);
-    run_bands<scalar_t>(BandKind::kDW, pl, e, s.N, s.OH, s.OW, nullptr, sp, nullptr,
+    Entries e = forward_entries(s, row_offsets, col_indices, sp.Hs, sp.Ws);
+    run_bands<scalar_t>(BandKind::kDW, pl, std::move(e), s.N, s.OH, s.OW, nullptr, sp, nullptr,
                         out.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), out.numel());
   });
   return out;
