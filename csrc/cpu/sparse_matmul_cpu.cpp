@@ -164,10 +164,13 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
     }
 #pragma omp for schedule(static, 1)
     for (int ch = 0; ch < nt; ++ch) {
+      // The first batch tile writes the output, later tiles add to it.
       if (tv.bsr)
-        bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, dyt, xt, bounds[ch], bounds[ch + 1], op);
+        bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, dyt, xt, bounds[ch], bounds[ch + 1], n0 > 0, op);
+      else if (n0 > 0)
+        csr_sddmm_tile<scalar_t, NV, true>(offs, idx, dyt, xt, bounds[ch], bounds[ch + 1], op);
       else
-        csr_sddmm_tile<scalar_t, NV>(offs, idx, dyt, xt, bounds[ch], bounds[ch + 1], op);
+        csr_sddmm_tile<scalar_t, NV, false>(offs, idx, dyt, xt, bounds[ch], bounds[ch + 1], op);
     }
   }
 }
@@ -322,8 +325,9 @@ at::Tensor sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::
   check_dense(dy, shape_probe, "dy", tv.rows * tv.bs);
   check_offsets_host(row_offsets, tv.nnz, "row_offsets");
   check_indices_below(col_indices, tv.cols, "col_indices");
-  at::Tensor out = at::zeros_like(shape_probe);
-  if (out.numel() == 0 || x.size(0) == 0) return out;
+  // Every kernel below writes each entry on its first batch tile: no zero fill.
+  if (shape_probe.numel() == 0 || x.size(0) == 0) return at::zeros_like(shape_probe);
+  at::Tensor out = shape_probe;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_sddmm_cpu", [&] {
     if (bsr_sddmm_outer_launch<scalar_t>(dy, x, tv, row_offsets, col_indices, out)) return;
     by_tile_width<scalar_t>(

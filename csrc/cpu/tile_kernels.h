@@ -221,7 +221,7 @@ inline scalar_t hsum(Vec v) {
 
 // out[j] += hsum(p[j]) for j < n. Eight fp32 dot products are reduced
 // together by an hadd tree (7 shuffling adds for 8 sums instead of ~5 each).
-template <typename scalar_t, typename Vec, int W>
+template <typename scalar_t, typename Vec, int W, bool ADD = true>
 inline void hsum_many(const Vec* p, int n, scalar_t* out) {
 #if defined(__AVX__)
   if constexpr (std::is_same<scalar_t, float>::value && W == 8) {
@@ -234,17 +234,19 @@ inline void hsum_many(const Vec* p, int n, scalar_t* out) {
       const __m256 s47 = _mm256_hadd_ps(s45, s67);
       const __m256 lo = _mm256_permute2f128_ps(s03, s47, 0x20);
       const __m256 hi = _mm256_permute2f128_ps(s03, s47, 0x31);
-      _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), _mm256_add_ps(lo, hi)));
+      const __m256 sum = _mm256_add_ps(lo, hi);
+      _mm256_storeu_ps(out, ADD ? _mm256_add_ps(_mm256_loadu_ps(out), sum) : sum);
       return;
     }
   }
 #endif
-  for (int j = 0; j < n; ++j) out[j] += hsum<scalar_t, Vec, W>(p[j]);
+  for (int j = 0; j < n; ++j) out[j] = (ADD ? out[j] : scalar_t(0)) + hsum<scalar_t, Vec, W>(p[j]);
 }
 
-// SDDMM over CSR rows [r0, r1) for one tile: out[k] += <dyt[r][:], xt[idx[k]][:]>.
+// SDDMM over CSR rows [r0, r1) for one tile: out[k] += <dyt[r][:], xt[idx[k]][:]>
+// (ADD) or out[k] = ... (the first tile: the output needs no zero fill).
 // The caller sums tiles in order, so the result is deterministic.
-template <typename scalar_t, int NV>
+template <typename scalar_t, int NV, bool ADD>
 void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const scalar_t* dyt,
                     const scalar_t* xt, int64_t r0, int64_t r1, scalar_t* out) {
   using Cfg = TileConfig<scalar_t, NV>;
@@ -265,11 +267,11 @@ void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const scalar_t* dyt
       for (int v = 1; v < NV; ++v) p += d[v] * xv[v];
       pbuf[np++] = p;
       if (np == 8) {
-        hsum_many<scalar_t, Vec, W>(pbuf, 8, out + k - 7);
+        hsum_many<scalar_t, Vec, W, ADD>(pbuf, 8, out + k - 7);
         np = 0;
       }
     }
-    hsum_many<scalar_t, Vec, W>(pbuf, np, out + kend - np);
+    hsum_many<scalar_t, Vec, W, ADD>(pbuf, np, out + kend - np);
   }
 }
 
@@ -300,7 +302,7 @@ void csr_spmm_t_scatter_tile(const int32_t* offs, const int32_t* idx, const scal
 // SDDMM over BSR block rows [r0, r1): out[k][i][j] += <dyt[br*bs+i], xt[bc*bs+j]>.
 template <typename scalar_t, int NV>
 void bsr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t bs, const scalar_t* dyt,
-                    const scalar_t* xt, int64_t r0, int64_t r1, scalar_t* out) {
+                    const scalar_t* xt, int64_t r0, int64_t r1, bool add, scalar_t* out) {
   using Cfg = TileConfig<scalar_t, NV>;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
@@ -317,7 +319,7 @@ void bsr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t bs, const s
           const Vec* xv = reinterpret_cast<const Vec*>(xt + (bc * bs + j) * T);
           Vec p = d[0] * xv[0];
           for (int v = 1; v < NV; ++v) p += d[v] * xv[v];
-          o[i * bs + j] += hsum<scalar_t, Vec, W>(p);
+          o[i * bs + j] = (add ? o[i * bs + j] : scalar_t(0)) + hsum<scalar_t, Vec, W>(p);
         }
       }
     }
