@@ -29,7 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
+#include <atomic>
 #include <utility>
 #include <vector>
 
@@ -201,18 +201,23 @@ Entries forward_entries(const ConvShape& s, const at::Tensor& row_offsets,
   const int64_t bs = s.tv.bs;
   const int32_t* ro = row_offsets.data_ptr<int32_t>();
   const int32_t* ci = col_indices.data_ptr<int32_t>();
+  // Window offset of each weight column (ci, kh, kw) for group 0; group grp
+  // reads the planes grp * cin_g further on.
+  std::vector<int64_t> col_off(s.cin_g * s.khkw);
+  for (int64_t col = 0; col < s.cin_g * s.khkw; ++col) {
+    const int64_t cin = col / s.khkw, k = col % s.khkw;
+    const int64_t ah = (k / g.kw) * g.dh, aw = (k % g.kw) * g.dw;
+    const int64_t phase = (ah % g.sh) * g.sw + aw % g.sw;
+    col_off[col] = ((phase * s.Cin + cin) * Hs + ah / g.sh) * Ws + aw / g.sw;
+  }
+  const int64_t grp_off = s.cin_g * Hs * Ws;
   return build_entries(
       s.Cout,
       [&](int64_t co, auto&& f) {
-        const int64_t R = co / bs, r = co % bs, grp = co / s.cout_g;
+        const int64_t R = co / bs, r = co % bs, base = (co / s.cout_g) * grp_off;
         for (int64_t blk = ro[R]; blk < ro[R + 1]; ++blk) {
-          for (int64_t c = 0; c < bs; ++c) {
-            const int64_t col = static_cast<int64_t>(ci[blk]) * bs + c;
-            const int64_t cin = grp * s.cin_g + col / s.khkw, k = col % s.khkw;
-            const int64_t ah = (k / g.kw) * g.dh, aw = (k % g.kw) * g.dw;
-            const int64_t phase = (ah % g.sh) * g.sw + aw % g.sw;
-            f(((phase * s.Cin + cin) * Hs + ah / g.sh) * Ws + aw / g.sw, (blk * bs + r) * bs + c);
-          }
+          const int64_t* cols = col_off.data() + static_cast<int64_t>(ci[blk]) * bs;
+          for (int64_t c = 0; c < bs; ++c) f(cols[c] + base, (blk * bs + r) * bs + c);
         }
       },
       [](Entries&, int64_t, int64_t) {});
@@ -256,10 +261,15 @@ Entries transpose_entries(const ConvShape& s, const at::Tensor& t_offsets,
         }
       },
       [](Entries& e, int64_t j0, int64_t j1) {
-        std::vector<std::pair<int32_t, int32_t>> tmp(j1 - j0);
-        for (int64_t j = j0; j < j1; ++j) tmp[j - j0] = {e.eoff[j], e.vidx[j]};
-        std::sort(tmp.begin(), tmp.end());
-        for (int64_t j = j0; j < j1; ++j) std::tie(e.eoff[j], e.vidx[j]) = tmp[j - j0];
+        // Both fields are non-negative int32: one 64-bit key sorts the pairs.
+        std::vector<uint64_t> key(j1 - j0);
+        for (int64_t j = j0; j < j1; ++j)
+          key[j - j0] = (static_cast<uint64_t>(e.eoff[j]) << 32) | static_cast<uint32_t>(e.vidx[j]);
+        std::sort(key.begin(), key.end());
+        for (int64_t j = j0; j < j1; ++j) {
+          e.eoff[j] = static_cast<int32_t>(key[j - j0] >> 32);
+          e.vidx[j] = static_cast<int32_t>(key[j - j0] & 0xffffffffu);
+        }
       });
 }
 
@@ -378,6 +388,8 @@ void run_bands(BandKind kind, const Plan& pl, Entries e, int64_t N, int64_t OH, 
   }
   const std::vector<int64_t> bounds = balance(e.rowptr, nth);
   std::vector<at::Tensor> partial(nth);
+  const bool dynamic = by_image && kind == BandKind::kGather;
+  std::atomic<int64_t> next_image{0};
 #pragma omp parallel num_threads(nth)
   {
     const int t = omp_get_thread_num();
@@ -397,9 +409,15 @@ void run_bands(BandKind kind, const Plan& pl, Entries e, int64_t N, int64_t OH, 
         dw_out = partial[t].data_ptr<scalar_t>();
       }
     }
+    // Gather: images are handed out one at a time, so a thread that the OS
+    // slows down takes fewer (each image's output is computed the same way
+    // whichever thread takes it). dW keeps a fixed split: its per-thread
+    // partial sums must not depend on timing.
     const int64_t n0 = by_image ? N * t / nth : 0, n1 = by_image ? N * (t + 1) / nth : N;
     const int64_t p0 = by_image ? 0 : bounds[t], p1 = by_image ? planes : bounds[t + 1];
-    for (int64_t n = n0; n < n1; ++n) {
+    const auto first = [&]() { return dynamic ? next_image.fetch_add(1) : n0; };
+    const auto after = [&](int64_t n) { return dynamic ? next_image.fetch_add(1) : n + 1; };
+    for (int64_t n = first(); n < (dynamic ? N : n1); n = after(n)) {
       const scalar_t* src;
       if (by_image) {
         scalar_t* o = own.data_ptr<scalar_t>();
