@@ -237,16 +237,24 @@ void dw_band(const Band<scalar_t>& b) {
     const scalar_t* p1 = b.buf + b.eoff[j + 1];
     const scalar_t* p2 = b.buf + b.eoff[j + 2];
     const scalar_t* p3 = b.buf + b.eoff[j + 3];
-    V a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    // Two chains per entry (even and odd rows): eight FMA chains in flight.
+    V a0 = {}, a1 = {}, a2 = {}, a3 = {}, c0 = {}, c1 = {}, c2 = {}, c3 = {};
     for (int r = 0; r < RB; ++r)
       for (int s = 0; s < NSEG; ++s) {
         const int64_t o = r * b.ws + s * W;
-        a0 += d[r][s] * load_v(p0 + o);
-        a1 += d[r][s] * load_v(p1 + o);
-        a2 += d[r][s] * load_v(p2 + o);
-        a3 += d[r][s] * load_v(p3 + o);
+        if ((r * NSEG + s) % 2 == 0) {
+          a0 += d[r][s] * load_v(p0 + o);
+          a1 += d[r][s] * load_v(p1 + o);
+          a2 += d[r][s] * load_v(p2 + o);
+          a3 += d[r][s] * load_v(p3 + o);
+        } else {
+          c0 += d[r][s] * load_v(p0 + o);
+          c1 += d[r][s] * load_v(p1 + o);
+          c2 += d[r][s] * load_v(p2 + o);
+          c3 += d[r][s] * load_v(p3 + o);
+        }
       }
-    hsum4_add<scalar_t>(a0, a1, a2, a3, b.out + b.vidx[j], b.out + b.vidx[j + 1],
+    hsum4_add<scalar_t>(a0 + c0, a1 + c1, a2 + c2, a3 + c3, b.out + b.vidx[j], b.out + b.vidx[j + 1],
                         b.out + b.vidx[j + 2], b.out + b.vidx[j + 3]);
   }
   for (; j < b.j1; ++j) {
