@@ -13,6 +13,7 @@ from conftest import TOL
 CONFIGS = [
     (2, 3, 5, 5, 7, 3, 1, 1, 1, 1),          # odd image, 3 channels
     (1, 4, 6, 14, 14, 3, 1, 1, 1, 1),        # batch 1
+    (5, 4, 6, 14, 14, 3, 1, 1, 1, 1),        # 14x14 (fixed-stride fp32 kernel), images split over threads
     (3, 8, 8, 9, 11, 3, 2, 1, 1, 1),         # stride 2
     (2, 8, 8, 9, 11, 3, 1, 2, 2, 1),         # dilation 2
     (2, 8, 6, 9, 11, 3, 2, 2, 2, 2),         # stride + dilation + groups

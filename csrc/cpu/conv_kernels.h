@@ -183,10 +183,13 @@ struct Band {
 
 // out[r][c] = init + sum_j w[j] * buf[eoff[j] + r * ws + c]
 // for r < RB, c in [col_lo, col_hi) (stores only those columns).
-template <typename scalar_t, int NSEG, int RB>
+// WS > 0: the row stride is that compile-time constant (b.ws == WS), so the
+// row loads take immediate offsets instead of a chain of adds.
+template <typename scalar_t, int NSEG, int RB, int WS = 0>
 void gather_band(const Band<scalar_t>& b) {
   using V = typename ConvVec<scalar_t>::V;
   constexpr int W = ConvVec<scalar_t>::W;
+  const int64_t ws = WS > 0 ? WS : b.ws;
   V acc[RB][NSEG];
   for (int r = 0; r < RB; ++r)
     for (int s = 0; s < NSEG; ++s) acc[r][s] = V{} + b.init;
@@ -194,7 +197,7 @@ void gather_band(const Band<scalar_t>& b) {
     const scalar_t w = b.w[j];
     const scalar_t* p = b.buf + b.eoff[j];
     for (int r = 0; r < RB; ++r)
-      for (int s = 0; s < NSEG; ++s) acc[r][s] += w * load_v(p + r * b.ws + s * W);
+      for (int s = 0; s < NSEG; ++s) acc[r][s] += w * load_v(p + r * ws + s * W);
   }
   for (int r = 0; r < RB; ++r) {
     scalar_t* o = b.out + r * b.ld;
@@ -316,6 +319,15 @@ BandFn<scalar_t> select_band(int nseg, int rb) {
     case 3: return t3[rb - 1];
     default: return t4[rb - 1];
   }
+}
+
+template <typename scalar_t, BandKind K>
+BandFn<scalar_t> select_band(int nseg, int rb, int64_t ws) {
+  // One vector per row of a 16-wide padded buffer (14x14 planes, fp32): a fixed stride.
+  if constexpr (K == BandKind::kGather) {
+    if (nseg == 1 && ws == 16 && rb == 14) return &gather_band<scalar_t, 1, 14, 16>;
+  }
+  return select_band<scalar_t, K>(nseg, rb);
 }
 
 }  // namespace cpu
