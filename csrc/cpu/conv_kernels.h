@@ -228,10 +228,11 @@ inline void load_dy_band(const Band<scalar_t>& b, typename ConvVec<scalar_t>::V 
 // out[vidx[j]] += sum_{r, c} dy[r][c] * buf[eoff[j] + r * ws + c] over the
 // band's valid rows and columns. Four entries at a time keep four independent
 // FMA chains in flight (one chain is latency-bound at a quarter of the rate).
-template <typename scalar_t, int NSEG, int RB>
+template <typename scalar_t, int NSEG, int RB, int WS = 0>
 void dw_band(const Band<scalar_t>& b) {
   using V = typename ConvVec<scalar_t>::V;
   constexpr int W = ConvVec<scalar_t>::W;
+  const int64_t ws = WS > 0 ? WS : b.ws;
   V d[RB][NSEG];
   load_dy_band<scalar_t, NSEG, RB>(b, d);
   int64_t j = b.j0;
@@ -244,7 +245,7 @@ void dw_band(const Band<scalar_t>& b) {
     V a0 = {}, a1 = {}, a2 = {}, a3 = {}, c0 = {}, c1 = {}, c2 = {}, c3 = {};
     for (int r = 0; r < RB; ++r)
       for (int s = 0; s < NSEG; ++s) {
-        const int64_t o = r * b.ws + s * W;
+        const int64_t o = r * ws + s * W;
         if ((r * NSEG + s) % 2 == 0) {
           a0 += d[r][s] * load_v(p0 + o);
           a1 += d[r][s] * load_v(p1 + o);
@@ -264,7 +265,7 @@ void dw_band(const Band<scalar_t>& b) {
     const scalar_t* p = b.buf + b.eoff[j];
     V a = {};
     for (int r = 0; r < RB; ++r)
-      for (int s = 0; s < NSEG; ++s) a += d[r][s] * load_v(p + r * b.ws + s * W);
+      for (int s = 0; s < NSEG; ++s) a += d[r][s] * load_v(p + r * ws + s * W);
     b.out[b.vidx[j]] += hsum_v<scalar_t>(a);
   }
 }
@@ -326,6 +327,8 @@ BandFn<scalar_t> select_band(int nseg, int rb, int64_t ws) {
   // One vector per row of a 16-wide padded buffer (14x14 planes, fp32): a fixed stride.
   if constexpr (K == BandKind::kGather) {
     if (nseg == 1 && ws == 16 && rb == 14) return &gather_band<scalar_t, 1, 14, 16>;
+  } else if constexpr (K == BandKind::kDW) {
+    if (nseg == 1 && ws == 16 && rb == 14) return &dw_band<scalar_t, 1, 14, 16>;
   }
   return select_band<scalar_t, K>(nseg, rb);
 }

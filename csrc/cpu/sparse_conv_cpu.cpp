@@ -366,7 +366,7 @@ void run_bands(BandKind kind, const Plan& pl, Entries e, int64_t N, int64_t OH, 
   const int64_t planes = e.planes(), Ws = sp.Ws, img = sp.img(), slack = pl.tile_w + Ws;
   const BandFn<scalar_t> fn = kind == BandKind::kGather
                                   ? select_band<scalar_t, BandKind::kGather>(pl.nseg, pl.rb, Ws)
-                                  : select_band<scalar_t, BandKind::kDW>(pl.nseg, pl.rb);
+                                  : select_band<scalar_t, BandKind::kDW>(pl.nseg, pl.rb, Ws);
   TORCH_CHECK_VALUE(img < (int64_t(1) << 31), "one image of the conv's padded buffer has ", img,
                     " elements; the CPU kernel indexes it with int32 (< 2^31)");
   std::vector<scalar_t> w;
