@@ -389,6 +389,10 @@ void run_bands(BandKind kind, const Plan& pl, Entries e, int64_t N, int64_t OH, 
   const std::vector<int64_t> bounds = balance(e.rowptr, nth);
   std::vector<at::Tensor> partial(nth);
   const bool dynamic = by_image && kind == BandKind::kGather;
+  // Bytes of one source channel when the source is contiguous NCHW (else 0: no prefetch).
+  constexpr int64_t kPrefetchAhead = 16;
+  const int64_t pf_bytes =
+      sp.src.is_contiguous() ? sp.src.stride(1) * static_cast<int64_t>(sizeof(scalar_t)) : 0;
   std::atomic<int64_t> next_image{0};
 #pragma omp parallel num_threads(nth)
   {
@@ -421,7 +425,18 @@ void run_bands(BandKind kind, const Plan& pl, Entries e, int64_t N, int64_t OH, 
       const scalar_t* src;
       if (by_image) {
         scalar_t* o = own.data_ptr<scalar_t>();
-        for (int64_t q = 0; q < sp.planes(); ++q) copy_plane<scalar_t>(sp, n, q, o + q * sp.Hs * Ws);
+        for (int64_t q = 0; q < sp.planes(); ++q) {
+          if (pf_bytes > 0 && q + kPrefetchAhead < sp.planes()) {
+            // The source channels are contiguous: fetch some planes ahead. The
+            // copy stalls on its loads from memory (40% of its perf samples on
+            // the masked load); this took ~1-2% off forward and dX at 3x3 256ch
+            // 14x14 95%, alternated call by call.
+            const char* a = reinterpret_cast<const char*>(sp.src.data_ptr<scalar_t>() + n * sp.src.stride(0)) +
+                            ((q + kPrefetchAhead) % sp.src.size(1)) * pf_bytes;
+            for (int64_t l = 0; l < pf_bytes; l += 64) __builtin_prefetch(a + l, 0, 3);
+          }
+          copy_plane<scalar_t>(sp, n, q, o + q * sp.Hs * Ws);
+        }
         src = o;
       } else {
         src = shared.data_ptr<scalar_t>() + n * img;
