@@ -237,6 +237,9 @@ Entries transpose_entries(const ConvShape& s, const at::Tensor& t_offsets,
   const int32_t* to = t_offsets.data_ptr<int32_t>();
   const int32_t* ti = t_indices.data_ptr<int32_t>();
   const int32_t* tp = t_perm.data_ptr<int32_t>();
+  // Only when a block row holds channels of two groups does the search range
+  // need a per-channel check.
+  const bool straddle = s.cout_g % bs != 0;
   return build_entries(
       s.Cin,
       [&](int64_t plane, auto&& f) {
@@ -255,7 +258,7 @@ Entries transpose_entries(const ConvShape& s, const at::Tensor& t_offsets,
           for (int64_t jj = j0 - ti; jj < j1 - ti; ++jj)
             for (int64_t r = 0; r < bs; ++r) {
               const int64_t co = static_cast<int64_t>(ti[jj]) * bs + r;
-              if (co / s.cout_g != grp) continue;
+              if (straddle && co / s.cout_g != grp) continue;
               f(co * Hs * Ws + shift, (static_cast<int64_t>(tp[jj]) * bs + r) * bs + i);
             }
         }
