@@ -21,6 +21,34 @@ struct TopologyView {
   bool bsr = false;
 };
 
+// Block sizes the CPU kernels implement: 1 (CSR) or a multiple of 4 in [4, 64] (BSR).
+inline bool cpu_block_size_ok(int64_t bs) { return bs == 1 || (bs >= 4 && bs <= 64 && bs % 4 == 0); }
+
+inline void check_block_size(int64_t bs, const char* name) {
+  TORCH_CHECK_VALUE(cpu_block_size_ok(bs), name,
+                    " must be 1 (CSR) or a multiple of 4 in [4, 64] (BSR), got ", bs);
+}
+
+// a * b and a + b for non-negative sizes, refused (ValueError naming `what`)
+// when the result does not fit int64: geometry products must never wrap.
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  TORCH_CHECK_VALUE(!__builtin_mul_overflow(a, b, &r), what, " overflows int64 (", a, " * ", b, ")");
+  return r;
+}
+
+inline int64_t checked_add(int64_t a, int64_t b, const char* what) {
+  int64_t r = 0;
+  TORCH_CHECK_VALUE(!__builtin_add_overflow(a, b, &r), what, " overflows int64 (", a, " + ", b, ")");
+  return r;
+}
+
+// Kernels index some arrays with int32: refuse sizes that do not fit.
+inline void check_int32_size(int64_t n, const char* what) {
+  TORCH_CHECK_VALUE(n >= 0 && n < (int64_t(1) << 31), what, " has ", n,
+                    " elements; the CPU kernel indexes it with int32 (< 2^31)");
+}
+
 inline void check_index(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
@@ -72,7 +100,7 @@ inline TopologyView check_topology(const at::Tensor& values, const at::Tensor& r
   v.nnz = values.size(0);
   if (v.bsr) {
     v.bs = values.size(1);
-    TORCH_CHECK_VALUE(values.size(2) == v.bs && v.bs >= 4 && v.bs <= 64 && v.bs % 4 == 0,
+    TORCH_CHECK_VALUE(values.size(2) == v.bs && v.bs >= 4 && cpu_block_size_ok(v.bs),
                       "values of a BSR weight must be [nnzb, b, b] with b in {4, 8, ..., 64}, got ",
                       values.sizes());
   }
@@ -103,6 +131,19 @@ inline void check_dense(const at::Tensor& t, const at::Tensor& values, const cha
                     " but values are on ", values.device());
   TORCH_CHECK_VALUE(t.size(1) == expected_cols, name, " has ", t.size(1),
                     " features, expected ", expected_cols);
+}
+
+// An optional bias of an op whose output has `features` channels: [features],
+// values' dtype and device.
+inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& values,
+                       int64_t features) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == features, "bias must be [", features,
+                    "], got shape ", bias->sizes());
+  TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "bias has dtype ",
+                   bias->scalar_type(), " but values have dtype ", values.scalar_type());
+  TORCH_CHECK_VALUE(bias->device() == values.device(), "bias is on ", bias->device(),
+                    " but values are on ", values.device());
 }
 
 }  // namespace sparsekern

@@ -1,4 +1,6 @@
+import contextlib
 import os
+import zlib
 
 import pytest
 import torch
@@ -32,6 +34,44 @@ def make_topology(out_f, in_f, density, layout="csr", block_size=4, dtype=torch.
     if layout == "csr":
         return CSRTopology.from_mask(mask, dense)
     return BSRTopology.from_mask(mask, b, dense)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed(request):
+    """Every test starts from its own fixed seed: a CRC of its node id (stable across
+    processes, unlike hash() of a string), so inputs are fresh per case yet reproducible."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+def stable_seed(*parts) -> int:
+    """A seed from any printable parts, the same in every process."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Run the block with ``n`` intra-op threads (the kernels' OpenMP team), then restore."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request):
+    """Thread matrix: the test body runs at 1 and at 2 threads (races show only at >= 2)."""
+    with num_threads(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda n: f"threads{n}")
+def threads3(request):
+    """1, 2 and 3 threads: where the work split by images or planes differs at 3."""
+    with num_threads(request.param):
+        yield request.param
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ def fit(shape, b):
 @pytest.mark.parametrize("layout,b", LAYOUTS)
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_sparse_linear_matches_masked_dense(shape, density, layout, b, dtype, ext_required):
+def test_sparse_linear_matches_masked_dense(shape, density, layout, b, dtype, threads, ext_required):
     M, out_f, in_f = fit(shape, b)
     topo = make_topology(out_f, in_f, density, layout, b, dtype, empty_rows=(0,))
     bias = torch.randn(out_f, dtype=dtype, requires_grad=True)

@@ -225,14 +225,30 @@ inline void load_dy_band(const Band<scalar_t>& b, typename ConvVec<scalar_t>::V 
                                                       b.col_hi - s * W);
 }
 
+// One window vector of the dW kernel: row r, segment s. MASKED (for a buffer
+// holding a non-finite element) loads only the band's valid rows and columns,
+// since the zero dy lanes elsewhere times Inf would give NaN.
+template <typename scalar_t, bool MASKED>
+inline typename ConvVec<scalar_t>::V load_window(const Band<scalar_t>& b, const scalar_t* p, int r,
+                                                 int s) {
+  constexpr int W = ConvVec<scalar_t>::W;
+  if constexpr (MASKED) {
+    if (r < b.row_skip) return typename ConvVec<scalar_t>::V{};
+    return load_lanes<scalar_t>(p, b.col_lo - s * W, b.col_hi - s * W);
+  } else {
+    return load_v(p);
+  }
+}
+
 // out[vidx[j]] += sum_{r, c} dy[r][c] * buf[eoff[j] + r * ws + c] over the
 // band's valid rows and columns. Four entries at a time keep four independent
 // FMA chains in flight (one chain is latency-bound at a quarter of the rate).
-template <typename scalar_t, int NSEG, int RB, int WS = 0>
+template <typename scalar_t, int NSEG, int RB, int WS = 0, bool MASKED = false>
 void dw_band(const Band<scalar_t>& b) {
   using V = typename ConvVec<scalar_t>::V;
   constexpr int W = ConvVec<scalar_t>::W;
   const int64_t ws = WS > 0 ? WS : b.ws;
+  const auto win = [&b](const scalar_t* p, int r, int s) { return load_window<scalar_t, MASKED>(b, p, r, s); };
   V d[RB][NSEG];
   load_dy_band<scalar_t, NSEG, RB>(b, d);
   int64_t j = b.j0;
@@ -247,15 +263,15 @@ void dw_band(const Band<scalar_t>& b) {
       for (int s = 0; s < NSEG; ++s) {
         const int64_t o = r * ws + s * W;
         if ((r * NSEG + s) % 2 == 0) {
-          a0 += d[r][s] * load_v(p0 + o);
-          a1 += d[r][s] * load_v(p1 + o);
-          a2 += d[r][s] * load_v(p2 + o);
-          a3 += d[r][s] * load_v(p3 + o);
+          a0 += d[r][s] * win(p0 + o, r, s);
+          a1 += d[r][s] * win(p1 + o, r, s);
+          a2 += d[r][s] * win(p2 + o, r, s);
+          a3 += d[r][s] * win(p3 + o, r, s);
         } else {
-          c0 += d[r][s] * load_v(p0 + o);
-          c1 += d[r][s] * load_v(p1 + o);
-          c2 += d[r][s] * load_v(p2 + o);
-          c3 += d[r][s] * load_v(p3 + o);
+          c0 += d[r][s] * win(p0 + o, r, s);
+          c1 += d[r][s] * win(p1 + o, r, s);
+          c2 += d[r][s] * win(p2 + o, r, s);
+          c3 += d[r][s] * win(p3 + o, r, s);
         }
       }
     hsum4_add<scalar_t>(a0 + c0, a1 + c1, a2 + c2, a3 + c3, b.out + b.vidx[j], b.out + b.vidx[j + 1],
@@ -265,13 +281,16 @@ void dw_band(const Band<scalar_t>& b) {
     const scalar_t* p = b.buf + b.eoff[j];
     V a = {};
     for (int r = 0; r < RB; ++r)
-      for (int s = 0; s < NSEG; ++s) a += d[r][s] * load_v(p + r * ws + s * W);
+      for (int s = 0; s < NSEG; ++s) a += d[r][s] * win(p + r * ws + s * W, r, s);
     b.out[b.vidx[j]] += hsum_v<scalar_t>(a);
   }
 }
 
 // sbuf[eoff[j] + r * ws + c] += vals[vidx[j]] * dy[r][c]: the adjoint of
-// gather_band, for dX when the stride is > 1. Invalid lanes add zero.
+// gather_band, for dX when the stride is > 1. Invalid lanes add zero (the
+// values are finite: the launcher takes non-finite ones out), so sbuf must be
+// the calling thread's own: those lanes rewrite the next row, and past the
+// image's last row its slack.
 template <typename scalar_t, int NSEG, int RB>
 void scatter_band(const Band<scalar_t>& b) {
   using V = typename ConvVec<scalar_t>::V;
@@ -293,12 +312,14 @@ void scatter_band(const Band<scalar_t>& b) {
 template <typename scalar_t>
 using BandFn = void (*)(const Band<scalar_t>&);
 
-enum class BandKind { kGather, kDW, kScatter };
+// kDWMasked: dW over a buffer with a non-finite element (see load_window).
+enum class BandKind { kGather, kDW, kDWMasked, kScatter };
 
 template <typename scalar_t, BandKind K, int NSEG, int RB>
 constexpr BandFn<scalar_t> band_fn() {
   if constexpr (K == BandKind::kGather) return &gather_band<scalar_t, NSEG, RB>;
   else if constexpr (K == BandKind::kDW) return &dw_band<scalar_t, NSEG, RB>;
+  else if constexpr (K == BandKind::kDWMasked) return &dw_band<scalar_t, NSEG, RB, 0, true>;
   else return &scatter_band<scalar_t, NSEG, RB>;
 }
 

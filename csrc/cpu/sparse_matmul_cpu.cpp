@@ -175,14 +175,17 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
   }
 }
 
-// BSR dW in outer-product form when bs is a multiple of the vector width and of 8:
-// parallel over block rows balanced by nonzero blocks.
+// BSR dW in outer-product form when bs is a multiple of the column step
+// (one or two vectors) and of 8: parallel over block rows balanced by nonzero
+// blocks. Other block sizes take the tile form (returns false).
 template <typename scalar_t>
 bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, const TopologyView& tv,
                             const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& out) {
   constexpr int W = 32 / static_cast<int>(sizeof(scalar_t));
   constexpr int kIR = 8;  // rows per register block: bs must be a multiple
   if (!tv.bsr || tv.bs % W != 0 || tv.bs % kIR != 0) return false;
+  // Two vectors of columns per step only when they tile the block exactly
+  // (b = 24, 40, 56 in fp32 step one vector: two would write past the block).
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
   const int32_t* offs = offs_t.data_ptr<int32_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
@@ -191,7 +194,7 @@ bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, con
   // Two vectors of columns x eight rows (16 accumulators, 10 loads per 16
   // FMAs) measured best for b = 16 and 32: dW 7.9x / 8.2x dense at
   // 4096x4096, batch 256, density 0.1 (four x four: 7.3x / 5.7x).
-  const int64_t jv = std::min<int64_t>(tv.bs / W, 2);
+  const int64_t jv = tv.bs % (2 * W) == 0 ? 2 : 1;
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
@@ -250,14 +253,7 @@ at::Tensor spmm_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::
   check_dense(x, values, "x", tv.cols * tv.bs);
   check_offsets_host(row_offsets, tv.nnz, "row_offsets");
   check_indices_below(col_indices, tv.cols, "col_indices");
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == tv.rows * tv.bs, "bias must be [",
-                      tv.rows * tv.bs, "], got shape ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "bias has dtype ",
-                     bias->scalar_type(), " but values have dtype ", values.scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == values.device(), "bias is on ", bias->device(),
-                      " but values are on ", values.device());
-  }
+  check_bias(bias, values, tv.rows * tv.bs);
   const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   at::Tensor y = at::empty({x.size(0), tv.rows * tv.bs}, x.options());
   if (y.numel() == 0) return y.view(with_last(x_in, tv.rows * tv.bs));
@@ -307,9 +303,7 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
 at::Tensor sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& row_offsets,
                      const at::Tensor& col_indices, const at::Tensor& t_offsets,
                      const at::Tensor& t_indices, const at::Tensor& t_perm, int64_t block_size) {
-  TORCH_CHECK_VALUE(block_size == 1 || (block_size >= 4 && block_size <= 64 && block_size % 4 == 0),
-                    "block_size must be 1 (CSR) or a multiple of 4 in [4, 64] (BSR), got ",
-                    block_size);
+  check_block_size(block_size, "block_size");
   // A values-shaped placeholder lets check_topology see the layout.
   TORCH_CHECK_VALUE(dy_in.dim() >= 1 && x_in.dim() >= 1 &&
                         dy_in.sizes().slice(0, dy_in.dim() - 1) == x_in.sizes().slice(0, x_in.dim() - 1),
