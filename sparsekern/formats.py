@@ -19,7 +19,8 @@ meta           int64 ``[3]``               ``(out_features, in_features, block_s
 For BSR, R = out/b and C = in/b count blocks; CSR is b = 1. The transpose is
 a gather permutation into the same values: values are never copied to
 transpose. Every tensor is in the ``state_dict`` (safetensors-friendly), and
-loading a malformed one raises ``ValueError`` naming the field.
+loading a malformed one raises ``ValueError`` naming the field, before anything
+is written (see :class:`AtomicLoadMixin`); an accepted load stores contiguous copies.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch import nn
 
 BSR_BLOCK_SIZES = (4, 8, 16, 32, 64)
 _INDEX_FIELDS = ("row_offsets", "col_indices", "t_offsets", "t_indices", "t_perm")
+_STATE_FIELDS = ("meta", "values") + _INDEX_FIELDS      # a topology's state_dict entries
 
 
 def row_ids(offsets: torch.Tensor, nnz: int | None = None) -> torch.Tensor:
@@ -147,7 +149,52 @@ def check_structure(shape, block_size, values, row_offsets, col_indices,
                                  f"rebuild it with rebuild_transpose()")
 
 
-class SparseTopology(nn.Module):
+class AtomicLoadMixin:
+    """For ``nn.Module`` subclasses: a refused ``load_state_dict`` changes nothing.
+
+    ``torch.nn.Module.load_state_dict`` reports missing and unexpected keys (strict) and
+    size mismatches only after it has copied everything else. Here a strict load with
+    missing or unexpected keys raises the same ``RuntimeError`` before anything is written,
+    and :meth:`check_own_entries` lets ``_load_from_state_dict`` refuse bad values first.
+    """
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict:
+            expected, given = set(self.state_dict(keep_vars=True)), set(state_dict)
+            errors = []
+            if expected - given:
+                errors.append("Missing key(s) in state_dict: {}. ".format(
+                    ", ".join(f'"{k}"' for k in sorted(expected - given))))
+            if given - expected:
+                errors.append("Unexpected key(s) in state_dict: {}. ".format(
+                    ", ".join(f'"{k}"' for k in sorted(given - expected))))
+            if errors:
+                raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                                   + "\n\t".join(errors))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def check_own_entries(self, state_dict, prefix: str = "") -> None:
+        """Raise ``ValueError`` naming the first entry of ``state_dict`` for this module's own
+        parameters and persistent buffers (not its children's) that is not a tensor, has
+        another shape, or is not floating-point for a floating-point tensor. Writes nothing."""
+        own = [*self._parameters.items(),
+               *((n, b) for n, b in self._buffers.items() if n not in self._non_persistent_buffers_set)]
+        for name, t in own:
+            key = prefix + name
+            if t is None or key not in state_dict:
+                continue
+            v = state_dict[key]
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"checkpoint entry {key!r} must be a tensor, got {type(v).__name__}")
+            if v.shape != t.shape:
+                raise ValueError(f"checkpoint entry {key!r} has shape {tuple(v.shape)}, but this "
+                                 f"layer's {name} has shape {tuple(t.shape)}")
+            if t.is_floating_point() and not v.is_floating_point():
+                raise ValueError(f"checkpoint entry {key!r} is {v.dtype}; {name} must be floating-point")
+
+
+
+class SparseTopology(AtomicLoadMixin, nn.Module):
     """Base class of :class:`CSRTopology` and :class:`BSRTopology` (see module doc)."""
 
     layout: str = ""
@@ -244,32 +291,54 @@ class SparseTopology(nn.Module):
     def _extra(b):
         return {}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
-                              missing_keys, unexpected_keys, error_msgs):
-        names = ("meta", "values") + _INDEX_FIELDS
-        present = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
-        missing = [prefix + n for n in names if n not in present]
+    @torch.no_grad()
+    def loadable(self, state_dict, prefix: str = ""):
+        """Read and check this topology's entries of ``state_dict`` (keys ``prefix + field``), writing nothing.
+
+        Returns ``(tensors, missing)``. ``missing`` lists the absent keys; when it is empty,
+        ``tensors`` maps ``values`` and the five index fields to fresh contiguous tensors on
+        this weight's device, ``values`` in its dtype, ready to assign (else ``tensors`` is
+        None). A malformed entry (not a tensor, wrong ``meta``, wrong dtype or shape, an
+        invalid structure or transpose) raises ``ValueError`` naming it.
+        """
+        missing = [prefix + n for n in _STATE_FIELDS if prefix + n not in state_dict]
         if missing:
-            missing_keys.extend(missing)
-            return
-        meta = present["meta"]
-        if not isinstance(meta, torch.Tensor) or meta.numel() != 3:
+            return None, missing
+        got = {n: state_dict[prefix + n] for n in _STATE_FIELDS}
+        for n, t in got.items():
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"checkpoint entry {prefix + n!r} must be a tensor, got {type(t).__name__}")
+        meta = got["meta"]
+        if meta.numel() != 3:
             raise ValueError(f"{prefix}meta must hold (out_features, in_features, block_size)")
         if tuple(int(v) for v in meta.tolist()) != tuple(int(v) for v in self.meta.tolist()):
             raise ValueError(f"{prefix}meta is {meta.tolist()} in the checkpoint but this "
                              f"{self.layout.upper()} weight is {self.meta.tolist()} "
                              f"(out_features, in_features, block_size)")
-        dev = self.values.device
-        loaded = {n: present[n].to(dev) for n in ("values",) + _INDEX_FIELDS}
+        # Contiguous copies: the kernels take contiguous tensors only, and nothing is shared
+        # with the caller's state_dict. Checked before the cast, so an integer `values` is refused.
+        loaded = {n: got[n].to(self.values.device, copy=True, memory_format=torch.contiguous_format)
+                  for n in ("values",) + _INDEX_FIELDS}
         try:
             check_structure(self.shape, self.block_size, loaded["values"],
                             *(loaded[n] for n in _INDEX_FIELDS))
         except (ValueError, TypeError) as exc:
-            raise type(exc)(f"checkpoint entry {prefix!r} has a malformed topology: {exc}") from None
+            raise ValueError(f"checkpoint entry {prefix!r} has a malformed topology: {exc}") from None
+        loaded["values"] = loaded["values"].to(self.values.dtype)
+        return loaded, []
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        loaded, missing = self.loadable(state_dict, prefix)        # raises before any write
+        unexpected_keys.extend(k for k in state_dict
+                               if k.startswith(prefix) and k[len(prefix):] not in _STATE_FIELDS)
+        if missing:
+            missing_keys.extend(missing)
+            return
         with torch.no_grad():
-            self.values.data = loaded["values"].to(self.values.dtype).clone()
+            self.values.data = loaded["values"]
         for n in _INDEX_FIELDS:
-            setattr(self, n, loaded[n].clone())
+            setattr(self, n, loaded[n])
 
     def extra_repr(self) -> str:
         out_f, in_f = self.shape

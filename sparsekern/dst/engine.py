@@ -23,6 +23,13 @@ RigL by the largest dense-gradient magnitude, SET at random. ``f_t`` decays from
 ``drop_fraction`` by a cosine (or stays constant) and no update happens after
 ``stop_at * total_steps``. Optimizer state moves with the values.
 
+NaN and Inf never win a selection: a non-finite weight is dropped before any
+finite one, and a non-finite gradient score is grown only when no finite free
+position is left, so every layer keeps exactly its nnz. A layer whose
+magnitudes (or, for RigL, gradient scores) are all non-finite has nothing to be
+ranked by: that update leaves it as it is and records ``"skipped"`` (the
+reason) in ``history`` and :meth:`DSTEngine.diagnostics`.
+
 RigL's growth gradient: on the batch of an update step only, forward/backward
 hooks keep the layer's input and output gradient, and the dense weight
 gradient is formed once (dY^T X, or ``torch.nn.grad.conv2d_weight``): one
@@ -34,13 +41,16 @@ same decision.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsekern._checks import check_int
 from sparsekern.dst.rebuild import active_positions, permute_optimizer_state, update_topology
 from sparsekern.nn import SparseConv2d, SparseLinear
 
@@ -61,9 +71,22 @@ def is_update(step: int, update_every: int, total_steps: int, stop_at: float) ->
     return step > 0 and step % update_every == 0 and step <= stop_at * total_steps
 
 
-def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions (ascending) of the k largest entries of a 1-D ``scores``, exact ties going to the
-    lower position: the same set as the first k of a stable descending sort, without sorting.
+class NonFiniteScores(ValueError):
+    """Every score of a layer is NaN or +-Inf: there is no ranking to rewire it by.
+
+    Raised by :func:`pick_drop` and :func:`rigl_grow`; the engine (and the
+    masked-dense reference) then skip that layer's update and record why.
+    """
+
+
+def top_k_stable(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions (int64, ascending) of the k largest entries of a 1-D float ``scores``, exact ties
+    going to the lower position: the same set as the first k of a stable descending sort.
+
+    Non-finite scores (NaN, +Inf, -Inf) rank below every finite one, among themselves by
+    position: they are taken only when fewer than k finite entries are eligible. ``eligible``
+    (bool, like ``scores``) excludes the False positions altogether; with fewer than k
+    eligible positions, all of them are returned.
 
     A strided sample bounds the k-th largest value from below; among the entries above
     that bound, ``kthvalue`` finds it exactly. (4096x4096 layer, k = 3% of it: 2.2 s for
@@ -72,8 +95,18 @@ def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.numel()
     if k <= 0:
         return torch.empty(0, dtype=torch.int64)
-    if k >= n:
-        return torch.arange(n)
+    ok = torch.isfinite(scores)
+    if eligible is not None:
+        ok &= eligible
+    n_ok = int(ok.sum())
+    if n_ok <= k:                       # every finite eligible entry, then non-finite ones by position
+        if n_ok == n:
+            return torch.arange(n)
+        rest = ~ok if eligible is None else eligible & ~ok
+        chosen = torch.cat([torch.nonzero(ok).flatten(), torch.nonzero(rest).flatten()[: k - n_ok]])
+        return torch.sort(chosen).values
+    if n_ok < n:                        # the k-th largest is finite: -inf entries can no longer win
+        scores = scores.masked_fill(~ok, -float("inf"))
     idx = None
     if n > (1 << 16):
         sample = torch.sort(scores[:: n // (1 << 15)], descending=True).values
@@ -91,8 +124,21 @@ def top_k_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pick_drop(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k smallest magnitudes (stable: earlier storage order first)."""
-    return top_k_stable(-magnitude, k)
+    """Indices (ascending) of the k entries to drop: every non-finite magnitude first (a NaN/Inf
+    weight is never kept ahead of a finite one; earlier storage order first), then the smallest
+    finite magnitudes (stable: earlier storage order first).
+
+    Raises :class:`NonFiniteScores` when no magnitude is finite (and k > 0).
+    """
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    bad = torch.nonzero(~torch.isfinite(magnitude)).flatten()
+    if bad.numel() == magnitude.numel():
+        raise NonFiniteScores("every weight magnitude is NaN or Inf")
+    if bad.numel() >= k:
+        return bad[:k]
+    # top_k_stable ranks the non-finite entries last, so with k - len(bad) < finite count none is taken twice
+    return torch.sort(torch.cat([bad, top_k_stable(-magnitude, k - bad.numel())])).values
 
 
 def sample_free(free: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -225,9 +271,13 @@ class DSTEngine:
             values = topo.values.detach()
             magnitude = values.abs() if values.dim() == 1 else values.reshape(nnzb, -1).norm(dim=1)
             drop = torch.zeros(nnzb, dtype=torch.bool)
-            drop[pick_drop(magnitude.cpu(), k)] = True
             lin = active_positions(topo).cpu()                      # ascending
-            grow = self.grow_positions(name, m, lin[~drop], R * C, k)
+            try:
+                drop[pick_drop(magnitude.cpu(), k)] = True
+                grow = self.grow_positions(name, m, lin[~drop], R * C, k)
+            except NonFiniteScores as exc:                          # nothing has been changed yet
+                record["layers"][name] = {"pruned": 0, "grown": 0, "regrown": 0, "skipped": str(exc)}
+                continue
             dropped = lin[drop]                                     # ascending
             at = torch.searchsorted(dropped, grow).clamp_(max=dropped.numel() - 1)
             regrown = int((dropped[at] == grow).sum())
@@ -300,7 +350,9 @@ class DSTEngine:
         return ever / sum(v.numel() for v in self.ever_active.values())
 
     def diagnostics(self) -> dict:
-        """Per-layer density, ITOP rate, gradient norm of the values, and the last update's counts."""
+        """Per-layer density, ITOP rate, gradient norm of the values, the last update's counts
+        (``pruned``/``grown``/``regrown``, and ``skipped``: the reason, when that update left the
+        layer alone because all its scores were NaN/Inf) and ``skipped_updates`` so far."""
         last = self.history[-1]["layers"] if self.history else {}
         out = {"step": self.step_count, "itop_rate": self.itop_rate(), "layers": {}}
         for n, m in self.layers:
@@ -309,6 +361,7 @@ class DSTEngine:
                 "density": m.weight.density,
                 "itop_rate": float(self.ever_active[n].float().mean()),
                 "grad_norm": None if g is None else float(g.norm()),
+                "skipped_updates": sum("skipped" in h["layers"].get(n, {}) for h in self.history),
                 **last.get(n, {"pruned": 0, "grown": 0}),
             }
         return out
@@ -326,34 +379,90 @@ class DSTEngine:
                            "stop_at": self.stop_at, "method": type(self).__name__}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore step, schedule position, RNG and diagnostics; refuses a mismatched state unchanged."""
+        """Restore step, schedule position, RNG and diagnostics from :meth:`state_dict`.
+
+        Everything is checked first: a mismatched or malformed state raises ``ValueError``
+        naming the entry and leaves the engine (step, RNG, history, hooks) as it was.
+        """
+        checked = self._checked_state(state)
+        self._disarm()
+        self.step_count = checked["step"]
+        self.generator.set_state(checked["rng"])
+        self.ever_active = checked["ever_active"]
+        self.history = checked["history"]
+        self.extra_updates = checked["extra_updates"]
+        self.freeze_from = checked["freeze_from"]
+        self._arm_if_next_updates()
+
+    def _checked_state(self, state) -> dict:
+        """The entries of a :meth:`state_dict` ``state``, checked and converted (copies, never
+        views of ``state``), or a ``ValueError`` naming the first entry that is wrong."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"DST state must be a dict, got {type(state).__name__}")
         for key in ("step", "rng", "ever_active", "history", "config", "layers"):
             if key not in state:
                 raise ValueError(f"DST state is missing {key!r}")
         here = {n: {"shape": list(m.weight.shape), "block_size": m.weight.block_size, "nnz": m.weight.nnz}
                 for n, m in self.layers}
-        if state["layers"] != here:
-            diff = [n for n in sorted(set(here) | set(state["layers"])) if here.get(n) != state["layers"].get(n)]
+        layers = state["layers"]
+        if not isinstance(layers, Mapping):
+            raise ValueError(f"DST state 'layers' must be a dict, got {type(layers).__name__}")
+        if layers != here:
+            diff = [n for n in sorted(set(here) | set(layers)) if here.get(n) != layers.get(n)]
             raise ValueError(f"DST state does not match the model's sparse layers {diff}: state has "
-                             f"{[state['layers'].get(n) for n in diff]}, the model has {[here.get(n) for n in diff]} "
+                             f"{[layers.get(n) for n in diff]}, the model has {[here.get(n) for n in diff]} "
                              f"(load the model's state_dict first)")
-        if state["config"].get("method") != type(self).__name__:
-            raise ValueError(f"DST state is for {state['config'].get('method')}, not {type(self).__name__}")
+        config = state["config"]
+        if not isinstance(config, Mapping):
+            raise ValueError(f"DST state 'config' must be a dict, got {type(config).__name__}")
+        if config.get("method") != type(self).__name__:
+            raise ValueError(f"DST state is for {config.get('method')}, not {type(self).__name__}")
         ever = state["ever_active"]
-        if set(ever) != set(self.ever_active):
-            raise ValueError(f"DST state has layers {sorted(ever)}, the model has {sorted(self.ever_active)}")
+        if not isinstance(ever, Mapping) or set(ever) != set(self.ever_active):
+            raise ValueError(f"DST state 'ever_active' has layers "
+                             f"{sorted(ever) if isinstance(ever, Mapping) else type(ever).__name__}, "
+                             f"the model has layers {sorted(self.ever_active)}")
         for n, v in ever.items():
-            if v.shape != self.ever_active[n].shape or v.dtype != torch.bool:
-                raise ValueError(f"DST state ever_active[{n!r}] is {v.dtype} {tuple(v.shape)}, expected "
+            if not isinstance(v, torch.Tensor) or v.shape != self.ever_active[n].shape or v.dtype != torch.bool:
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"DST state ever_active[{n!r}] is {got}, expected "
                                  f"bool {tuple(self.ever_active[n].shape)}")
-        self._disarm()
-        self.step_count = int(state["step"])
-        self.generator.set_state(state["rng"])
-        self.ever_active = {n: v.clone() for n, v in ever.items()}
-        self.history = list(state["history"])
-        self.extra_updates = {int(k): float(v) for k, v in state.get("extra_updates", {}).items()}
-        self.freeze_from = state.get("freeze_from")
-        self._arm_if_next_updates()
+        step = _state_int(state["step"], "step")
+        rng = state["rng"]
+        try:
+            torch.Generator().set_state(rng)                         # a scratch generator checks it
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"DST state 'rng' is not a generator state: {exc}") from None
+        history = state["history"]
+        if not isinstance(history, (list, tuple)) or not all(
+                isinstance(h, Mapping) and isinstance(h.get("layers"), Mapping) for h in history):
+            raise ValueError("DST state 'history' must be a list of update records, each a dict with "
+                             "a 'layers' dict")
+        extra = state.get("extra_updates", {})
+        if not isinstance(extra, Mapping):
+            raise ValueError(f"DST state 'extra_updates' must be a dict, got {type(extra).__name__}")
+        extra_updates = {}
+        for k, f in extra.items():
+            at = _state_int(k, "extra_updates step")
+            if not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
+                raise ValueError(f"DST state 'extra_updates' at step {at} must be a fraction in (0, 1), got {f!r}")
+            extra_updates[at] = float(f)
+        freeze_from = state.get("freeze_from")
+        if freeze_from is not None:
+            freeze_from = _state_int(freeze_from, "freeze_from")
+        return {"step": step, "rng": rng.clone(), "ever_active": {n: v.clone() for n, v in ever.items()},
+                "history": copy.deepcopy(list(history)), "extra_updates": extra_updates,
+                "freeze_from": freeze_from}
+
+
+def _state_int(value, name: str) -> int:
+    """A DST state entry as an int >= 0 (bools refused), or a ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+        raise ValueError(f"DST state {name!r} must be an int >= 0, got {value!r}")
+    try:
+        return check_int(value, name, minimum=0)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"DST state {exc}") from None
 
 
 class Static(DSTEngine):
@@ -393,7 +502,14 @@ class RigL(DSTEngine):
 
 
 def rigl_grow(grad_magnitude: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
-    """The k positions outside ``kept`` with the largest |gradient| (ties: lower position first).
-    Overwrites ``grad_magnitude`` at the kept positions."""
-    grad_magnitude[kept] = -float("inf")
-    return top_k_stable(grad_magnitude, k)
+    """The k positions (int64, ascending) outside ``kept`` (int64 positions) with the largest
+    float [n] ``grad_magnitude`` (ties: lower position first). NaN/Inf scores rank below every
+    finite one and are grown only when fewer than k finite free positions remain.
+
+    Raises :class:`NonFiniteScores` when no score of the layer is finite (and k > 0).
+    """
+    if k > 0 and not bool(torch.isfinite(grad_magnitude).any()):
+        raise NonFiniteScores("every dense-gradient score is NaN or Inf")
+    free = torch.ones(grad_magnitude.numel(), dtype=torch.bool)
+    free[kept] = False
+    return top_k_stable(grad_magnitude, k, eligible=free)

@@ -5,15 +5,17 @@ A dense ``nn.Linear``/``nn.Conv2d`` model whose weights are multiplied by a
 rigl-torch and sparse_learning do. It makes the same choices as
 :mod:`sparsekern.dst.engine` in the same order (same schedule, stable
 magnitude drop in row-major position order, same random stream per layer, RigL
-scores from the unmasked dense gradient, ties to the lower position), so with equal data and seed both
-must arrive at identical topologies. CSR (unstructured) layers only.
+scores from the unmasked dense gradient, ties to the lower position, NaN/Inf ranked
+last and all-NaN/Inf layers skipped: the selection functions are the engine's own), so
+with equal data and seed both must arrive at identical topologies. Masked entries are
+set to exactly 0 (not multiplied by 0, which would keep a NaN). CSR (unstructured) layers only.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from sparsekern.dst.engine import is_update, pick_drop, rigl_grow, sample_free, scheduled_fraction
+from sparsekern.dst.engine import NonFiniteScores, is_update, pick_drop, rigl_grow, sample_free, scheduled_fraction
 
 METHODS = ("set", "rigl")
 
@@ -47,13 +49,13 @@ class MaskedDenseDST:
     def _mask_grad(self, name):
         def hook(g):
             self.dense_grad[name] = g.detach().reshape(g.shape[0], -1).clone()   # unmasked, for RigL
-            return g * self.masks[name].reshape(g.shape).to(g.dtype)
+            return g.masked_fill(~self.masks[name].reshape(g.shape), 0)
         return hook
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         for n, m in self.layers:
-            m.weight.mul_(self.masks[n].reshape(m.weight.shape).to(m.weight.dtype))
+            m.weight.masked_fill_(~self.masks[n].reshape(m.weight.shape), 0)
 
     def step(self) -> bool:
         self.step_count += 1
@@ -70,23 +72,27 @@ class MaskedDenseDST:
                 if k == 0:
                     continue
                 w = m.weight.reshape(mask.shape[0], -1).flatten()
-                dropped = active[pick_drop(w[active].abs().cpu(), k)]
-                keep = flat.clone()
-                keep[dropped] = False
-                if self.method == "set":
-                    grown = sample_free(~keep, k, self.generator)
-                else:
-                    grown = rigl_grow(self.dense_grad[n].flatten().abs().cpu(), torch.nonzero(keep).flatten(), k)
+                try:
+                    dropped = active[pick_drop(w[active].abs().cpu(), k)]
+                    keep = flat.clone()
+                    keep[dropped] = False
+                    if self.method == "set":
+                        grown = sample_free(~keep, k, self.generator)
+                    else:
+                        grown = rigl_grow(self.dense_grad[n].flatten().abs().cpu(),
+                                          torch.nonzero(keep).flatten(), k)
+                except NonFiniteScores:                 # the engine skips such a layer too
+                    continue
                 new = keep.clone()
                 new[grown] = True
                 fresh = torch.zeros_like(flat)
                 fresh[grown] = True
                 # grown weights start at 0 and with fresh optimizer state, as in the sparse engine
-                keep_state = (new & ~fresh).reshape(m.weight.shape).to(m.weight.dtype)
-                m.weight.mul_(keep_state)
+                reset = ~(new & ~fresh).reshape(m.weight.shape)
+                m.weight.masked_fill_(reset, 0)
                 for v in self.optimizer.state.get(m.weight, {}).values():
                     if torch.is_tensor(v) and v.shape == m.weight.shape:
-                        v.mul_(keep_state)
+                        v.masked_fill_(reset, 0)
                 self.masks[n] = new.reshape(mask.shape)
         self.dense_grad.clear()
         return True

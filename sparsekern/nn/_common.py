@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sparsekern.formats import BSR_BLOCK_SIZES, BSRTopology, CSRTopology, row_ids
+from sparsekern.formats import BSR_BLOCK_SIZES, AtomicLoadMixin, BSRTopology, CSRTopology, row_ids
 
 LAYOUTS = ("csr", "bsr")
 
@@ -40,8 +40,23 @@ def magnitude_mask(w: torch.Tensor, density: float, block_size: int = 1) -> torc
     return keep.reshape(R, C).repeat_interleave(b, 0).repeat_interleave(b, 1)
 
 
-class SparseWeightMixin:
-    """For modules holding ``self.weight`` (a topology) and ``self.bias``."""
+class SparseWeightMixin(AtomicLoadMixin):
+    """For modules holding ``self.weight`` (a topology) and ``self.bias``.
+
+    ``load_state_dict`` is all-or-nothing for the layer: the topology entries
+    (``weight.*``) and the bias are all checked before any of them is written, so
+    a refused load (``ValueError`` naming the entry; ``RuntimeError`` for missing or
+    unexpected keys) leaves every tensor as it was. Inside a larger model each
+    sparse layer is checked before its own tensors are written.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        # torch writes this module's bias here, then calls self.weight's loader: check both first
+        self.weight.loadable(state_dict, prefix + "weight.")
+        self.check_own_entries(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
 
     def _init_weight(self, rows: int, cols: int, names: str, bias: bool, density: float, layout: str,
                      block_size, device, dtype, generator) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekern._checks import check_int
 from sparsekern.nn._common import SparseWeightMixin, block_of, check_layout, magnitude_mask, make_topology
 from sparsekern.ops.conv import _pair, conv_geometry, sparse_conv2d
 
@@ -14,7 +15,9 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation,
         groups, bias: as ``nn.Conv2d`` (``padding`` may be an int, a pair,
-            ``"same"`` or ``"valid"``; only ``padding_mode="zeros"``).
+            ``"same"`` or ``"valid"``; only ``padding_mode="zeros"``). Channels
+            are ints >= 0, kernel_size/stride/dilation >= 1, padding >= 0,
+            groups >= 1; a ``ValueError`` names the argument that is not.
         density: fraction of weights (CSR) or blocks (BSR) kept, in [0, 1];
             exactly round(density * total), uniformly random.
         layout: "csr" (unstructured) or "bsr" (square blocks).
@@ -47,17 +50,21 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
 
     def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                       padding_mode):
+        """Check and store the ``nn.Conv2d`` geometry; a ``ValueError`` names the first bad argument."""
+        in_channels = check_int(in_channels, "in_channels")       # 0 is allowed, as in nn.Conv2d
+        out_channels = check_int(out_channels, "out_channels")
         if padding_mode != "zeros":
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
-        if groups < 1 or in_channels % groups or out_channels % groups:
+        # kernel_size, stride, dilation >= 1, padding >= 0, groups >= 1, each named when wrong
+        self.geometry = conv_geometry(kernel_size, stride, padding, dilation, groups)
+        kh, kw, sh, sw, _, _, _, _, dh, dw, groups = self.geometry
+        if in_channels % groups or out_channels % groups:
             raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be "
                              f"divisible by groups={groups}")
-        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
-        self.kernel_size, self.stride, self.dilation = _pair(kernel_size, "kernel_size"), \
-            _pair(stride, "stride"), _pair(dilation, "dilation")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = (kh, kw), (sh, sw), (dh, dw)
         self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
         self.padding_mode = padding_mode
-        self.geometry = conv_geometry(self.kernel_size, self.stride, self.padding, self.dilation, groups)
 
     @property
     def weight_shape_2d(self) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekern._checks import check_int
 from sparsekern.nn._common import SparseWeightMixin, block_of, check_layout, magnitude_mask, make_topology
 from sparsekern.ops.dispatch import sparse_linear
 
@@ -12,7 +13,8 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     """y = x W^T + b with W stored as CSR or BSR; forward and backward touch only nonzeros.
 
     Args:
-        in_features, out_features: as ``nn.Linear``.
+        in_features, out_features: as ``nn.Linear`` (ints >= 0; a zero-sized layer has no
+            weights and gives nn.Linear's result: zeros [..., 0], or the bias for in_features=0).
         bias: learn an additive bias [out_features].
         density: fraction of weights (CSR) or blocks (BSR) kept, in [0, 1];
             the topology is uniform random with exactly round(density * total).
@@ -35,7 +37,9 @@ class SparseLinear(SparseWeightMixin, nn.Module):
                  layout: str = "csr", block_size: int | None = None, device=None, dtype=None, *,
                  backend: str = "auto", generator: torch.Generator | None = None):
         super().__init__()
-        self.in_features, self.out_features, self.backend = int(in_features), int(out_features), backend
+        self.in_features = check_int(in_features, "in_features")      # 0 is allowed, as in nn.Linear
+        self.out_features = check_int(out_features, "out_features")
+        self.backend = backend
         self._init_weight(self.out_features, self.in_features, "(out_features, in_features)", bias,
                           density, layout, block_size, device, dtype, generator)
 

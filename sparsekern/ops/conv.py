@@ -19,16 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from sparsekern._checks import check_int, check_pair as _pair
 from sparsekern.ops.dispatch import select_backend
-
-
-def _pair(v, name):
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) != 2 or not all(isinstance(i, int) for i in v):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return v
 
 
 def conv_geometry(kernel_size, stride=1, padding=0, dilation=1, groups=1) -> list[int]:
@@ -36,14 +28,14 @@ def conv_geometry(kernel_size, stride=1, padding=0, dilation=1, groups=1) -> lis
 
     ``padding`` is an int, a pair, ``"valid"`` or ``"same"`` (stride 1 only;
     an even total pad puts the extra row/column at the bottom/right, as
-    ``nn.Conv2d`` does).
+    ``nn.Conv2d`` does). ``kernel_size``, ``stride`` and ``dilation`` (ints or
+    pairs) must be >= 1, ``padding`` >= 0 and ``groups`` >= 1; a ``ValueError``
+    names the first that is not.
     """
-    (kh, kw), (sh, sw), (dh, dw) = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), \
-        _pair(dilation, "dilation")
-    if min(kh, kw) < 1 or min(sh, sw) < 1 or min(dh, dw) < 1:
-        raise ValueError(f"kernel_size, stride and dilation must be >= 1, got {(kh, kw)}, {(sh, sw)}, {(dh, dw)}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    kh, kw = _pair(kernel_size, "kernel_size", minimum=1)
+    sh, sw = _pair(stride, "stride", minimum=1)
+    dh, dw = _pair(dilation, "dilation", minimum=1)
+    groups = check_int(groups, "groups", minimum=1)
     if isinstance(padding, str):
         if padding == "valid":
             pt = pl = pb = pr = 0
@@ -56,9 +48,7 @@ def conv_geometry(kernel_size, stride=1, padding=0, dilation=1, groups=1) -> lis
         else:
             raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
     else:
-        ph, pw = _pair(padding, "padding")
-        if min(ph, pw) < 0:
-            raise ValueError(f"padding must be >= 0, got {(ph, pw)}")
+        ph, pw = _pair(padding, "padding", minimum=0)
         pt, pl, pb, pr = ph, pw, ph, pw
     return [kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups]
 

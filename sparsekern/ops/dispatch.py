@@ -94,7 +94,8 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         backend: "auto", "cpu", "cuda" or "reference" (see module doc).
 
     Returns:
-        float [..., out_features], contiguous.
+        float [..., out_features], contiguous. A zero-sized weight (out_features or
+        in_features 0) gives what ``nn.Linear`` gives.
     """
     values = weight.values
     out_f, in_f = weight.shape
@@ -112,4 +113,9 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         if bias.dtype != values.dtype or bias.device != values.device:
             raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {values.dtype} on {values.device}")
     be = select_backend(x, values, backend)
+    if out_f == 0 or in_f == 0:
+        # An empty weight has no entries: ``values`` (0 elements) *is* the dense [out, in]
+        # matrix, so torch's linear gives nn.Linear's output and gradients (zeros [..., 0],
+        # or the bias for in_features = 0); the kernels need at least one row and column.
+        return torch.nn.functional.linear(x, values.reshape(out_f, in_f), bias)
     return be.ops.spmm(x, values, *weight.topology(), bias)
