@@ -3,7 +3,10 @@
 * ``digits``: scikit-learn's 1,797 scanned 8x8 handwritten digits, shipped inside the
   scikit-learn package.
 * ``cifar10`` / ``cifar100``: the standard python-pickle archives, unpacked in a local
-  directory (``data_batch_1..5`` + ``test_batch``, or ``train`` + ``test``).
+  directory (``data_batch_1..5`` + ``test_batch``, or ``train`` + ``test``). They are
+  unpickled by :class:`CifarUnpickler`, which builds only what that format holds (dicts,
+  lists, strings, numbers, numpy arrays) and refuses any other pickled global, so a file
+  put in the data directory cannot run code.
 * ``synthetic``: a wide random classification task (a random teacher network labels
   Gaussian inputs), where layer widths are large enough for sparsity to pay.
 
@@ -13,6 +16,7 @@ naming what is missing or wrong.
 """
 from __future__ import annotations
 
+import codecs
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +79,56 @@ def load_digits(image: bool = False, test_fraction: float = 0.25, seed: int = 0)
     return _to_split(xtr, ytr, xte, yte, 10)
 
 
+def _numpy_core(module: str, name: str):
+    """``numpy._core.<module>.<name>`` (numpy 2), or ``numpy.core...`` (numpy 1)."""
+    import importlib
+    try:
+        return getattr(importlib.import_module(f"numpy._core.{module}"), name)
+    except ImportError:                                          # pragma: no cover - numpy 1.x
+        return getattr(importlib.import_module(f"numpy.core.{module}"), name)
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR python batch, refusing (:class:`DatasetError`) every global but those of
+    its format: numpy arrays and dtypes (as the Python 2 originals or numpy 1.x/2.x pickle them,
+    ``_frombuffer`` for protocol 5) and builtin containers, strings and bytes. Pickle opcodes
+    alone build only plain values, so no code in the file can run."""
+
+    ALLOWED = {
+        **{(f"numpy.{core}.{module}", name): _numpy_core(module, name) for core in ("core", "_core")
+           for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))},
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,      # bytes, as Python 3 pickles them in protocols 0-2
+        **{(module, t.__name__): t for module in ("builtins", "__builtin__")
+           for t in (dict, list, tuple, set, frozenset, bytes, bytearray, str)},
+    }
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        """The allowed global ``module.name``; any other is a :class:`DatasetError` naming the file."""
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise DatasetError(f"{self.path} refers to {module}.{name}, which a CIFAR python batch never "
+                               f"holds; refused without running it (allowed: numpy arrays, builtin "
+                               f"containers, strings)") from None
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError) as exc:
+            batch = CifarUnpickler(f, path).load()
+    except DatasetError:
+        raise
+    except Exception as exc:      # a corrupt pickle raises many types (UnpicklingError, EOFError, ...)
         raise DatasetError(f"{path} is not a readable CIFAR python-pickle batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise DatasetError(f"{path} holds a {type(batch).__name__}, not the table of a CIFAR python batch")
+    return batch
 
 
 def _cifar_arrays(batch: dict, path: Path, label_key: str):

@@ -8,16 +8,26 @@ Trains the chosen method and, unless ``--no-baseline``, the same model dense on 
 same data, then prints a side-by-side table (accuracy, NLL, ECE, nonzero parameters
 and bytes, FLOPs from the real nonzeros, time per step), writes ``results.json`` and
 PNG plots in ``--out``, and a checkpoint (model, optimizer, LR schedule, DST engine,
-RNG) every ``--checkpoint-every`` epochs, at the end, and on Ctrl-C. ``--resume``
-continues a run exactly where its checkpoint stopped. Datasets are local (see
-:mod:`sparsekern.data`).
+RNG) every ``--checkpoint-every`` epochs, at the end, and on Ctrl-C or SIGTERM (at the
+next step boundary; a second one stops at once, without saving). Checkpoints are
+written atomically and read without running code (:mod:`sparsekern.checkpoint_io`).
+
+``--resume`` continues a run exactly where its checkpoint stopped, with the run's own
+options. On the command line it takes --quiet, --no-plots, --stop-after and these, which
+it reports: --out (write elsewhere), --checkpoint-every, and --epochs to extend a run
+whose schedules go on past their planned end (LR schedule constant or step, not
+suptickets/edst; the schedules keep their original length, a DST topology stays frozen
+after its planned stop). Any other option that differs from the checkpoint's is refused.
+Datasets are local (see :mod:`sparsekern.data`).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -30,6 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import sparsekern as sk
+from sparsekern import checkpoint_io
 from sparsekern import data as datasets
 from sparsekern.flops import count_flops
 from sparsekern.methods import freetickets, suptickets, threshold as thr
@@ -121,20 +132,40 @@ def load_config(path: Path) -> dict:
 
 def parse_args(argv=None):
     """Flags over config file over defaults."""
+    return _parse(argv)[0]
+
+
+@functools.cache
+def options() -> dict[str, argparse.Action]:
+    """The command's options by destination name (``--no-baseline`` -> ``no_baseline``)."""
+    return {act.dest: act for act in build_parser()._actions if act.dest != "help"}
+
+
+def _with_paths(values: dict) -> dict:
+    """``values`` with the options the parser types as paths made ``Path`` (from strings)."""
+    return {k: Path(v) if v is not None and k in options() and options()[k].type is Path else v
+            for k, v in values.items()}
+
+
+def _parse(argv=None) -> tuple[argparse.Namespace, set[str]]:
+    """The options (flags over config file over defaults) and the names of those the user gave,
+    on the command line or in the config file."""
     parser = build_parser()
     a = parser.parse_args(argv)
+    explicit = build_parser()
+    for act in explicit._actions:
+        act.default = argparse.SUPPRESS          # parse only what is on the command line
+    given = set(vars(explicit.parse_args(argv)))
     if a.config is not None:
         cfg = load_config(a.config)
-        known = {act.dest for act in parser._actions}
-        unknown = sorted(set(cfg) - known)
+        unknown = sorted(set(cfg) - set(options()))
         if unknown:
             raise UsageError(f"config file {a.config} has unknown options {unknown}")
-        for key in ("out", "data_dir", "resume"):
-            if key in cfg and cfg[key] is not None:
-                cfg[key] = Path(cfg[key]) if key != "data_dir" else cfg[key]
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**_with_paths(cfg))
         a = parser.parse_args(argv)
-    return a
+        given |= set(cfg)
+    a.plan_epochs = a.epochs      # the length the schedules are planned for (a resume may run longer)
+    return a, given
 
 
 class UsageError(ValueError):
@@ -219,15 +250,74 @@ def rss_mb() -> float:
 
 
 class Interrupted(Exception):
-    """Training stopped early (Ctrl-C or --stop-after) after saving a checkpoint."""
+    """Training stopped early (Ctrl-C, SIGTERM or --stop-after) after saving a checkpoint."""
 
     def __init__(self, path: Path, why: str):
         super().__init__(f"{why}: checkpoint saved to {path}; continue with --resume {path}")
         self.path = path
 
 
-def train_one(a, split, method: str, resume: dict | None = None) -> dict:
-    """Train ``method`` on ``split`` (continuing ``resume`` if given); returns metrics, FLOPs, timings."""
+class Aborted(BaseException):
+    """A second Ctrl-C/SIGTERM: stop at once, without saving (a write in progress is abandoned
+    whole, so the checkpoint on disk stays the previous one). Not an ``Exception``: nothing
+    on the way out may swallow it."""
+
+
+class StopRequest:
+    """While active (``with StopRequest() as stop:``, main thread only), SIGINT and SIGTERM
+    ask for a stop: ``stop.requested`` becomes true and the training loop saves a checkpoint
+    at the next step boundary. A second signal raises :class:`Aborted` wherever the program
+    is. ``saved`` is the last checkpoint written under it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal: str | None = None
+        self.saved: Path | None = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was asked for (a first signal arrived)."""
+        return self.signal is not None
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            raise Aborted(name)
+        self.signal = name
+        try:      # os.write, not print: a handler may run while the main thread is inside a print
+            os.write(2, f"sparsekern-train: {name}: stopping at the next step boundary with a checkpoint "
+                        f"(send it again to stop at once, without saving)\n".encode())
+        except OSError:
+            pass
+
+    def aborted_message(self, exc: BaseException) -> str:
+        """The one line reporting a stop by a second signal (or a KeyboardInterrupt raised past the loop)."""
+        why = f"{exc.args[0]} again" if isinstance(exc, Aborted) and exc.args else "interrupted"
+        if self.saved is not None:
+            return f"{why}: stopped at once; the last checkpoint is {self.saved}; continue with --resume {self.saved}"
+        return f"{why}: stopped at once; no checkpoint was written"
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+        return False
+
+
+def train_one(a, split, method: str, resume: dict | None = None, stop: StopRequest | None = None) -> dict:
+    """Train ``method`` on ``split`` (continuing ``resume``, a checked checkpoint, if given); returns
+    metrics, FLOPs, timings. ``stop``: the caller's :class:`StopRequest` (else one for this run)."""
+    if stop is None:
+        with StopRequest() as stop:
+            return train_one(a, split, method, resume, stop)
     torch.manual_seed(a.seed)
     model = make_model(a.model, split.input_shape, split.num_classes, a.width).to(a.device)
     engine = None
@@ -241,7 +331,7 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
     opt = (torch.optim.SGD(params, lr=a.lr, momentum=0.9, nesterov=True) if a.optimizer == "sgd"
            else torch.optim.AdamW(params, lr=a.lr))
     steps_per_epoch = math.ceil(len(split.x_train) / a.batch_size)
-    total = steps_per_epoch * a.epochs
+    total = steps_per_epoch * a.plan_epochs       # what the LR, DST and method schedules span
     if method in DST_METHODS:
         kind = a.grow if method in ("suptickets", "edst") else method
         cls = {"static": sk.dst.Static, "set": sk.dst.SET, "rigl": sk.dst.RigL}[kind]
@@ -265,6 +355,7 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
     partial = (0.0, 0)        # (loss sum, steps) of an epoch cut by a checkpoint
     if resume is not None:
         try:
+            _check_position(resume, a, len(split.x_train), steps_per_epoch)
             model.load_state_dict(resume["model"])
             opt.load_state_dict(resume["optimizer"])
             sched.load_state_dict(resume["scheduler"])
@@ -272,36 +363,44 @@ def train_one(a, split, method: str, resume: dict | None = None) -> dict:
                 engine.load_state_dict(resume["dst"])
             if controller is not None:
                 controller.load_state_dict(resume["method_state"])
-        except (ValueError, RuntimeError, KeyError) as exc:
+            g.set_state(resume["data_rng"])
+            torch.set_rng_state(resume["torch_rng"])
+        except (ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
             raise UsageError(f"checkpoint does not fit this run ({method}): {exc}") from None
-        g.set_state(resume["data_rng"])
-        torch.set_rng_state(resume["torch_rng"])
-        history, step_times, density_log = resume["history"], resume["step_times"], resume["density_log"]
+        history, step_times = list(resume["history"]), list(resume["step_times"])
+        density_log = list(resume["density_log"])
         start_epoch, start_step, order = resume["epoch"], resume["step"], resume["order"]
-        partial = tuple(resume.get("epoch_loss", (0.0, 0)))
+        partial = tuple(resume["epoch_loss"])
     ckpt = a.out / f"checkpoint_{method}.pt"
 
     def save(epoch, step, order, epoch_loss=(0.0, 0)):
-        a.out.mkdir(parents=True, exist_ok=True)
-        torch.save({"version": 1, "args": vars(a), "method": method, "epoch": epoch, "step": step,
-                    "order": order, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "dst": engine.state_dict() if engine else None,
-                    "method_state": controller.state_dict() if controller else None,
-                    "data_rng": g.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-                    "step_times": step_times, "density_log": density_log, "epoch_loss": epoch_loss}, ckpt)
+        checkpoint_io.save({"version": 1, "args": checkpoint_args(a), "plan_epochs": a.plan_epochs,
+                            "method": method, "epoch": epoch, "step": step, "order": order,
+                            "model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "dst": engine.state_dict() if engine else None,
+                            "method_state": controller.state_dict() if controller else None,
+                            "data_rng": g.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                            "step_times": step_times, "density_log": density_log,
+                            "epoch_loss": tuple(epoch_loss)}, ckpt)
+        stop.saved = ckpt
 
-    # Ctrl-C asks for a stop at the next step boundary, so the checkpoint is exact.
-    stop = {"requested": False}
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("requested", True))
-    try:
-        return _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_times, density_log,
-                             start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt,
-                             controller)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    # Ctrl-C/SIGTERM (``stop``) ask for a stop at the next step boundary, so the checkpoint is exact.
+    return _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_times, density_log,
+                         start_epoch, start_step, order, partial, steps_per_epoch, save, stop, report, ckpt,
+                         controller)
+
+
+def _check_position(resume: dict, a, n_train: int, steps_per_epoch: int) -> None:
+    """Refuse (ValueError) a checkpoint whose position does not lie inside this run."""
+    epoch, step, order = resume["epoch"], resume["step"], resume["order"]
+    if epoch > a.epochs or step >= steps_per_epoch or (epoch == a.epochs and step):
+        raise ValueError(f"it stopped at epoch {epoch} step {step}; this run has {a.epochs} epochs of "
+                         f"{steps_per_epoch} steps")
+    if len(resume["history"]) != epoch or len(resume["step_times"]) != epoch * steps_per_epoch + step:
+        raise ValueError(f"its history ({len(resume['history'])} epochs, {len(resume['step_times'])} steps) "
+                         f"does not match its position (epoch {epoch} step {step})")
+    if order is not None and (len(order) != n_train or not torch.equal(order.sort().values, torch.arange(n_train))):
+        raise ValueError(f"its data order is not a permutation of the {n_train} training examples")
 
 
 def make_controller(a, split, method, model, engine, total, steps_per_epoch):
@@ -336,7 +435,7 @@ def _train_epochs(a, split, method, model, opt, sched, engine, g, history, step_
                 if a.stop_after and len(step_times) >= a.stop_after:
                     save(epoch, i, order, (loss_sum, done))
                     raise Interrupted(ckpt, f"stopped after {a.stop_after} steps")
-                if stop["requested"]:
+                if stop.requested:
                     save(epoch, i, order, (loss_sum, done))
                     raise Interrupted(ckpt, "interrupted")
                 idx = order[i * a.batch_size:(i + 1) * a.batch_size]
@@ -492,37 +591,41 @@ def table(runs: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    try:
-        a = parse_args(argv)
-        resume = None
-        if a.resume is not None:
-            resume = load_checkpoint(a.resume)
-            saved = dict(resume["args"])
-            for key in ("quiet", "stop_after", "resume", "no_plots"):
-                saved[key] = getattr(a, key)
-            a = argparse.Namespace(**saved)
-        check_args(a)
-        a.device = resolve_device(a)
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        kwargs = {"image": a.model != "mlp"} if a.dataset == "digits" else {}
-        split = to_device(datasets.load(a.dataset, root=a.data_dir, **kwargs), a.device)
-        first = resume["method"] if resume else a.method
-        if a.method == "ensemble":
-            if resume is not None:
-                raise UsageError("--resume of an ensemble: resume its member runs (member_<i>/) one by one")
-            runs = [train_ensemble(a, split)]
-        else:
-            runs = [train_one(a, split, a.method, resume if first == a.method else None)]
-        mode = "skip" if a.no_baseline else a.baseline
-        if mode != "skip" and a.method != "dense":
-            runs.append(dense_baseline(a, split, mode, resume if first == "dense" else None))
-    except (UsageError, datasets.DatasetError) as exc:
-        print(f"sparsekern-train: error: {exc}", file=sys.stderr)
-        return 2
-    except Interrupted as exc:
-        print(f"sparsekern-train: {exc}", file=sys.stderr)
-        return 130
+    """The command: returns 0, 2 after a user mistake (one line on stderr), 130 when stopped early."""
+    with StopRequest() as stop:          # for the whole command: a signal never meets Python's default
+        try:
+            return _run(argv, stop)
+        except (UsageError, datasets.DatasetError, checkpoint_io.CheckpointError) as exc:
+            print(f"sparsekern-train: error: {exc}", file=sys.stderr)
+            return 2
+        except Interrupted as exc:
+            print(f"sparsekern-train: {exc}", file=sys.stderr)
+            return 130
+        except (Aborted, KeyboardInterrupt) as exc:
+            print(f"sparsekern-train: {stop.aborted_message(exc)}", file=sys.stderr)
+            return 130
+
+
+def _run(argv, stop: StopRequest) -> int:
+    a, given = _parse(argv)
+    resume = None
+    if a.resume is not None:
+        resume = checkpoint_io.load(a.resume)
+        a = resumed_options(a, given, resume)
+    check_args(a)
+    a.device = resolve_device(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    kwargs = {"image": a.model != "mlp"} if a.dataset == "digits" else {}
+    split = to_device(datasets.load(a.dataset, root=a.data_dir, **kwargs), a.device)
+    first = resume["method"] if resume else a.method
+    if a.method == "ensemble":
+        runs = [train_ensemble(a, split, stop)]
+    else:
+        runs = [train_one(a, split, a.method, resume if first == a.method else None, stop)]
+    mode = "skip" if a.no_baseline else a.baseline
+    if mode != "skip" and a.method != "dense":
+        runs.append(dense_baseline(a, split, mode, resume if first == "dense" else None, stop))
     for r in runs:
         r.pop("model", None)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -534,12 +637,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def train_ensemble(a, split) -> dict:
+def train_ensemble(a, split, stop: StopRequest | None = None) -> dict:
     """DST Ensemble: ``--tickets`` independent ``--grow`` runs (seeds seed, seed+1, ...), ensembled."""
     members = []
     for i in range(a.tickets):
         ai = argparse.Namespace(**{**vars(a), "seed": a.seed + i, "out": a.out / f"member_{i}"})
-        members.append(train_one(ai, split, a.grow))
+        members.append(train_one(ai, split, a.grow, stop=stop))
     ens = freetickets.TicketEnsemble([r["model"] for r in members])
     rep = freetickets.ensemble_report(ens, split.x_test, split.y_test)
     first = members[0]
@@ -575,11 +678,11 @@ def to_device(split, device):
                           split.y_test.to(device), split.num_classes)
 
 
-BASELINE_KEYS = ("model", "width", "dataset", "data_dir", "epochs", "batch_size", "optimizer", "lr",
-                 "lr_schedule", "seed", "threads", "device")
+BASELINE_KEYS = ("model", "width", "dataset", "data_dir", "epochs", "plan_epochs", "batch_size", "optimizer",
+                 "lr", "lr_schedule", "seed", "threads", "device")
 
 
-def dense_baseline(a, split, mode: str, resume=None) -> dict:
+def dense_baseline(a, split, mode: str, resume=None, stop: StopRequest | None = None) -> dict:
     """Train the dense baseline, or with mode "cache" reuse an earlier run with the same options."""
     import hashlib
     key = json.dumps({k: str(getattr(a, k)) for k in BASELINE_KEYS}, sort_keys=True)
@@ -588,26 +691,110 @@ def dense_baseline(a, split, mode: str, resume=None) -> dict:
         run = json.loads(cache.read_text())
         run["cached_from"] = str(cache)
         return run
-    run = train_one(a, split, "dense", resume)
+    run = train_one(a, split, "dense", resume, stop)
     if mode == "cache":
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps({k: v for k, v in run.items() if k != "model"}))
     return run
 
 
-def load_checkpoint(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
-    try:
-        ck = torch.load(path, weights_only=False)
-    except Exception as exc:
-        raise UsageError(f"checkpoint {path} is not readable: {exc}") from None
-    need = {"version", "args", "method", "epoch", "step", "model", "optimizer", "scheduler", "dst",
-            "data_rng", "torch_rng", "history", "step_times", "density_log", "order"}
-    if not isinstance(ck, dict) or not need <= set(ck):
-        missing = sorted(need - set(ck)) if isinstance(ck, dict) else "everything"
-        raise UsageError(f"checkpoint {path} is not a sparsekern-train checkpoint (missing {missing})")
-    return ck
+def checkpoint_args(a) -> dict:
+    """The run's options as a checkpoint stores them: plain values, paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k in options()}
+
+
+def _option_error(dest: str, value, action: argparse.Action) -> str | None:
+    """What is wrong with ``value`` for the option ``dest`` (None if it is a value the parser could give)."""
+    if value is None and action.default is None:
+        return None
+    if action.nargs == 0:                                       # store_true / store_false
+        ok, expected = isinstance(value, bool), "true or false"
+    elif action.type in (int, float):
+        ok = isinstance(value, int if action.type is int else (int, float)) and not isinstance(value, bool)
+        expected = "an int" if action.type is int else "a number"
+    else:                                                       # strings; paths (a Path in older checkpoints)
+        ok, expected = isinstance(value, (str, Path)), "a string"
+    if ok and action.choices is not None and value not in action.choices:
+        ok, expected = False, f"one of {tuple(action.choices)}"
+    return None if ok else f"--{dest.replace('_', '-')} is {value!r}, expected {expected}"
+
+
+def options_from_checkpoint(ck: dict, path) -> argparse.Namespace:
+    """The run's options stored in checkpoint ``ck``, checked against the parser (names, types,
+    choices), paths restored; options the checkpoint predates get their defaults."""
+    saved = ck["args"]
+    unknown = sorted(set(saved) - set(options()))
+    if unknown:
+        raise checkpoint_io.CheckpointError(f"checkpoint {path} has unknown options {unknown}")
+    for dest, value in saved.items():
+        problem = _option_error(dest, value, options()[dest])
+        if problem:
+            raise checkpoint_io.CheckpointError(f"checkpoint {path}: option {problem}")
+    a = argparse.Namespace(**{**vars(build_parser().parse_args([])), **_with_paths(saved)})
+    a.plan_epochs = ck["plan_epochs"] if ck["plan_epochs"] is not None else a.epochs
+    if a.plan_epochs > a.epochs:
+        raise checkpoint_io.CheckpointError(f"checkpoint {path}: plan_epochs {a.plan_epochs} exceeds "
+                                            f"--epochs {a.epochs}")
+    return a
+
+
+# On --resume: options that steer this invocation, always taken from the command line ...
+SESSION_OPTIONS = ("quiet", "no_plots", "stop_after", "resume", "config")
+# ... and options of the run that may change (reported): nothing trained so far depends on them.
+# Every other option given with --resume must equal the checkpoint's: the model, data, optimizer,
+# schedules and seeds are fixed once a run has started, and a different --threads would change
+# float rounding, so the continuation would no longer be exact.
+RESUME_CHANGEABLE = ("epochs", "out", "checkpoint_every")
+
+
+def resumed_options(cli: argparse.Namespace, given: set[str], ck: dict) -> argparse.Namespace:
+    """The options of a run resumed from checkpoint ``ck``: the checkpoint's, with the session
+    options of ``cli`` and those of :data:`RESUME_CHANGEABLE` the user ``given`` (each reported
+    on stderr); a given option that would change anything else is a :class:`UsageError`."""
+    a = options_from_checkpoint(ck, cli.resume)
+    if a.method == "ensemble":
+        raise UsageError("--resume of an ensemble: resume its member runs (member_<i>/) one by one")
+    if ck["method"] not in (a.method, "dense"):
+        raise checkpoint_io.CheckpointError(f"checkpoint {cli.resume} is of a {ck['method']!r} run, but its "
+                                            f"options say --method {a.method}")
+    for key in SESSION_OPTIONS:
+        setattr(a, key, getattr(cli, key))
+    changed = [k for k in options() if k in given and k not in SESSION_OPTIONS
+               and _comparable(k, getattr(cli, k)) != _comparable(k, getattr(a, k))]
+    refused = [k for k in changed if k not in RESUME_CHANGEABLE]
+    if refused:
+        flags = ", ".join(f"--{k.replace('_', '-')} {getattr(cli, k)} (checkpoint: {getattr(a, k)})"
+                          for k in refused)
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in RESUME_CHANGEABLE)
+        raise UsageError(f"--resume {cli.resume}: {flags} cannot change in a resumed run (it keeps its model, "
+                         f"data, optimizer and schedules; only {allowed} can)")
+    if "epochs" in changed:
+        _check_extension(a, cli.epochs)
+    if changed:
+        note = ", ".join(f"--{k.replace('_', '-')} {getattr(cli, k)} (was {getattr(a, k)})" for k in changed)
+        print(f"sparsekern-train: resuming {cli.resume} with {note}", file=sys.stderr)
+    for key in changed:
+        setattr(a, key, getattr(cli, key))
+    return a
+
+
+def _comparable(key: str, value):
+    """An option's value as it acts on the run (``--device auto`` is the device it resolves to)."""
+    return resolve_device(argparse.Namespace(device=value)) if key == "device" else value
+
+
+def _check_extension(a, epochs: int) -> None:
+    """Refuse (UsageError) ``--epochs epochs`` on resuming run ``a`` unless it only lengthens it and
+    the run's schedules can go on past their planned end unchanged."""
+    where = f"--epochs {epochs} with --resume"
+    if epochs < a.epochs:
+        raise UsageError(f"{where}: the run has {a.epochs} epochs; --epochs can only extend a run")
+    if a.method in ("suptickets", "edst"):
+        raise UsageError(f"{where}: a {a.method} run's cycles/phases are planned over its {a.plan_epochs} "
+                         f"epochs and cannot be extended")
+    if a.lr_schedule == "cosine":
+        raise UsageError(f"{where}: the cosine LR schedule reaches 0 at the run's planned end (epoch "
+                         f"{a.plan_epochs}); only runs with --lr-schedule constant or step can be extended")
 
 
 if __name__ == "__main__":
