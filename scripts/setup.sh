@@ -19,10 +19,21 @@ else
   "${PIP[@]}" "torch==2.13.0"
 fi
 constraints="$(mktemp)"
-trap 'rm -f "$constraints"' EXIT
+requirements="$(mktemp)"
+trap 'rm -f "$constraints" "$requirements"' EXIT
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+# Keep the triton that is installed (a CUDA torch pins its own, e.g. torch 2.14 needs
+# triton~=3.8): never downgrade it to requirements-dev.txt's cap, which only chooses a
+# version for machines that have none.
+if triton_version="$("$PY" -c "import importlib.metadata as m; print(m.version('triton'))" 2>/dev/null)"; then
+  echo "setup: keeping installed triton $triton_version"
+  echo "triton==$triton_version" >> "$constraints"
+  grep -v '^triton' requirements-dev.txt > "$requirements"
+else
+  cp requirements-dev.txt "$requirements"
+fi
 
-"${PIP[@]}" -c "$constraints" -r requirements-dev.txt
+"${PIP[@]}" -c "$constraints" -r "$requirements"
 echo "setup: building the sparsekern extension"
 "${PIP[@]}" -c "$constraints" --no-build-isolation -e .
 "$PY" -c "import sparsekern as sk; assert sk.extension_available(), 'extension failed to load'; print('setup: sparsekern', sk.__version__, 'ready, kernels built')"

@@ -13,6 +13,7 @@ Public API:
     select_backend, BACKENDS     which kernel runs where, and why not
 """
 from sparsekern import _ext
+from sparsekern._version import __version__
 from sparsekern.formats import BSRTopology, CSRTopology, SparseTopology, check_structure
 from sparsekern.nn import SparseConv2d, SparseLinear
 from sparsekern.ops import BACKENDS, conv_geometry, select_backend, sparse_conv2d, sparse_linear
@@ -20,7 +21,6 @@ from sparsekern.sparsify import SparsityReport, densify, sparsify
 from sparsekern import dst  # noqa: E402  (needs nn)
 from sparsekern import methods  # noqa: E402  (needs dst)
 
-__version__ = "0.1.0"
 extension_available = _ext.available
 
 __all__ = [

@@ -69,7 +69,8 @@ def load_digits(image: bool = False, test_fraction: float = 0.25, seed: int = 0)
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError as exc:  # pragma: no cover - environment message
-        raise DatasetError("the 'digits' dataset needs scikit-learn: pip install scikit-learn") from exc
+        raise DatasetError("the 'digits' dataset needs scikit-learn: pip install 'sparsekern[train]' "
+                           "(or pick another --dataset)") from exc
     d = sk_digits()
     x, y = d.data.astype(np.float32), d.target.astype(np.int64)
     xtr, ytr, xte, yte = _split(x, y, test_fraction, seed)

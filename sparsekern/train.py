@@ -32,7 +32,10 @@ import signal
 import sys
 import threading
 import time
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the tomli package
+    import tomli as tomllib
 from pathlib import Path
 
 import torch
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import sparsekern as sk
+from sparsekern._optional import MissingDependency, require
 from sparsekern import checkpoint_io
 from sparsekern import data as datasets
 from sparsekern.flops import count_flops
@@ -113,11 +117,11 @@ def load_config(path: Path) -> dict:
     """Options from a TOML/YAML file, keys as flag names (dashes or underscores)."""
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist")
+    yaml = require("yaml", "a YAML config file", "train") if path.suffix in (".yaml", ".yml") else None
     try:
         if path.suffix == ".toml":
             cfg = tomllib.loads(path.read_text())
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
+        elif yaml is not None:
             cfg = yaml.safe_load(path.read_text()) or {}
         else:
             raise UsageError(f"config file {path} must end in .toml, .yaml or .yml")
@@ -595,7 +599,7 @@ def main(argv=None) -> int:
     with StopRequest() as stop:          # for the whole command: a signal never meets Python's default
         try:
             return _run(argv, stop)
-        except (UsageError, datasets.DatasetError, checkpoint_io.CheckpointError) as exc:
+        except (UsageError, datasets.DatasetError, checkpoint_io.CheckpointError, MissingDependency) as exc:
             print(f"sparsekern-train: error: {exc}", file=sys.stderr)
             return 2
         except Interrupted as exc:
@@ -613,6 +617,8 @@ def _run(argv, stop: StopRequest) -> int:
         resume = checkpoint_io.load(a.resume)
         a = resumed_options(a, given, resume)
     check_args(a)
+    if not a.no_plots:  # before training, not after it
+        require("matplotlib", "the training command's plots", "train", "pass --no-plots")
     a.device = resolve_device(a)
     if a.threads:
         torch.set_num_threads(a.threads)

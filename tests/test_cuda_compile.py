@@ -33,7 +33,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(source, tmp_path):
     stub = tmp_path / "include" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / "out.o"), "-std=c++17", "-O3", "--threads", "2",
+    cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / "out.o"), "-O3", "--threads", "2",
            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
            f"-I{tmp_path / 'include'}", f"-I{sysconfig.get_paths()['include']}",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
