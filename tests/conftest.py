@@ -11,29 +11,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sparsekern as sk
-from sparsekern.formats import BSRTopology, CSRTopology
+# Test layers and topologies come from one builder, shared with the GPU tests and benchmark.
+from sparsekern.ops.backends import ENV, GPU_BACKENDS
+from sparsekern.testing import make_conv, make_linear, make_topology  # noqa: F401
 
 # Tolerances against a float64 masked-dense reference, one row per dtype.
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
-
-
-def make_topology(out_f, in_f, density, layout="csr", block_size=4, dtype=torch.float64,
-                  empty_rows=(), seed=None):
-    """Random topology with exactly round(density * blocks) nonzero blocks; rows in
-    ``empty_rows`` (block rows for BSR) hold nothing. Values ~ N(0, 1)."""
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.randint(1 << 30, ()).item())
-    b = 1 if layout == "csr" else block_size
-    R, C = out_f // b, in_f // b
-    keep = torch.rand(R, C, generator=g) < density
-    if density >= 1:
-        keep[:] = True
-    for r in empty_rows:
-        keep[r] = False
-    mask = keep.repeat_interleave(b, 0).repeat_interleave(b, 1)
-    dense = torch.randn(out_f, in_f, generator=g, dtype=torch.float64).to(dtype)
-    if layout == "csr":
-        return CSRTopology.from_mask(mask, dense)
-    return BSRTopology.from_mask(mask, b, dense)
 
 
 @pytest.fixture(autouse=True)
@@ -72,6 +55,24 @@ def threads3(request):
     """1, 2 and 3 threads: where the work split by images or planes differs at 3."""
     with num_threads(request.param):
         yield request.param
+
+
+def assert_gpu_path(backend: str) -> None:
+    """The GPU kernels run: Triton, or the C++ kernels in gpu_check.sh's SPARSEKERN_GPU_BACKEND=cuda pass."""
+    assert backend in GPU_BACKENDS, backend
+    if os.environ.get(ENV) == "cuda":
+        assert backend == "cuda_cpp", backend
+
+
+@pytest.fixture
+def on_gpu_path():
+    """The test body runs on the GPU path: on a GPU as it is; without one inside
+    ``cuda_path_on_cpu``, where CPU tensors count as CUDA ones and the ops run their CUDA
+    implementations (router, Triton launchers, GPU conv) under the Triton interpreter."""
+    from sparsekern.gpu import INTERPRET
+    from sparsekern.gpu.interpret import gpu_path
+    with gpu_path("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"):
+        yield
 
 
 @pytest.fixture

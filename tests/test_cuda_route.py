@@ -11,9 +11,11 @@ import torch
 from sparsekern.formats import CSRTopology, row_ids
 from sparsekern.gpu import INTERPRET, route
 from sparsekern.ops import reference as ref
+from sparsekern.ops.backends import select
 from tests.conftest import make_topology
 
 interp_only = pytest.mark.skipif(not INTERPRET, reason="drives CPU tensors through the GPU glue (interpreter mode)")
+pytestmark = pytest.mark.usefixtures("on_gpu_path")       # CPU tensors count as CUDA ones here
 cpp_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and route.cpp_ops() is not None),
                              reason="needs a CUDA GPU and the built CUDA C++ kernels")
 
@@ -48,12 +50,20 @@ class StandInCpp:
 
 
 @pytest.fixture
-def cpp(monkeypatch):
+def cpp_built(monkeypatch):
+    """The stand-in as if the C++ kernels were built and ran on these (CPU) tensors; what they
+    declare (CSR only, f16/bf16/f32) still applies."""
     StandInCpp.calls = []
     monkeypatch.setattr(route, "cpp_ops", lambda: StandInCpp)
-    monkeypatch.setattr(route, "cuda_cpp_reasons",
-                        lambda values, device: [] if values.dim() == 1 else ["BSR weights run on the Triton kernels"])
+    monkeypatch.setattr(route, "cpp_runtime_reasons", lambda device: [])
     return StandInCpp
+
+
+@pytest.fixture
+def cpp(cpp_built, monkeypatch):
+    """... and opted in to (SPARSEKERN_GPU_BACKEND=cuda), as they are not verified on a GPU yet."""
+    monkeypatch.setenv(route.ENV, "cuda")
+    return cpp_built
 
 
 @interp_only
@@ -83,15 +93,38 @@ def test_cpp_path_glue_matches_reference(cpp, shape, dtype):
 
 
 @interp_only
+def test_auto_keeps_csr_on_triton_until_the_cpp_kernels_are_verified(cpp_built, monkeypatch):
+    """The verified path by default: built C++ kernels run only when opted in to, or once
+    route.CUDA_CPP_VERIFIED_BY records a passing scripts/gpu_check.sh run."""
+    monkeypatch.delenv(route.ENV, raising=False)
+    bsr = make_topology(32, 32, 0.5, "bsr", 16, dtype=torch.float32)
+    csr = make_topology(8, 8, 0.5, "csr", dtype=torch.float32)
+    cpu = torch.device("cpu")
+    assert route.CUDA_CPP_VERIFIED_BY is None, "set only by a passing GPU check (and committed with its results)"
+    assert route.choose(csr.values, cpu) == "triton" and route.choose(bsr.values, cpu) == "triton"
+    x = torch.randn(3, 8)
+    route.spmm(x, csr.values.detach(), *csr.topology())
+    assert cpp_built.calls == []                                   # auto ran Triton, not the C++ kernels
+    with pytest.raises(NotImplementedError, match="cuda_cpp: not verified on a GPU yet"):
+        select(cpu, torch.float32, 1, among=("cuda_cpp",))         # the refusal says why
+    monkeypatch.setenv(route.ENV, "cuda")                          # the opt-in
+    assert route.choose(csr.values, cpu) == "cuda_cpp"
+    monkeypatch.setenv(route.ENV, "auto")
+    monkeypatch.setattr(route, "CUDA_CPP_VERIFIED_BY", "benchmarks/results/gpu_check/2026-12-01_h200")
+    assert route.choose(csr.values, cpu) == "cuda_cpp" and route.choose(bsr.values, cpu) == "triton"
+
+
+@interp_only
 def test_bsr_goes_to_triton_and_env_forcing(cpp, monkeypatch):
     bsr = make_topology(32, 32, 0.5, "bsr", 16, dtype=torch.float32)
     csr = make_topology(8, 8, 0.5, "csr", dtype=torch.float32)
-    assert route.choose(bsr.values, torch.device("cpu")) == "triton"
-    assert route.choose(csr.values, torch.device("cpu")) == "cuda"
+    assert route.choose(csr.values, torch.device("cpu")) == "cuda_cpp"
     monkeypatch.setenv(route.ENV, "triton")
     assert route.choose(csr.values, torch.device("cpu")) == "triton"
+    assert route.choose(bsr.values, torch.device("cpu")) == "triton"
     monkeypatch.setenv(route.ENV, "cuda")
-    with pytest.raises(NotImplementedError, match="BSR weights run on the Triton kernels"):
+    with pytest.raises(NotImplementedError, match=r"SPARSEKERN_GPU_BACKEND=cuda names backend 'cuda_cpp', which "
+                                                  r"cannot run these inputs: layout bsr .*CSR only; BSR runs on Triton"):
         route.choose(bsr.values, torch.device("cpu"))
     monkeypatch.setenv(route.ENV, "fastest")
     with pytest.raises(ValueError, match="expected auto, triton or cuda"):
@@ -99,10 +132,11 @@ def test_bsr_goes_to_triton_and_env_forcing(cpp, monkeypatch):
 
 
 @interp_only
-def test_without_the_cpp_kernels_everything_is_triton():
+def test_without_the_cpp_kernels_everything_is_triton(monkeypatch):
     csr = make_topology(8, 8, 0.5, "csr", dtype=torch.float32)
+    monkeypatch.setattr(route, "CUDA_CPP_VERIFIED_BY", "as if verified")
     if route.cpp_ops() is None:
-        assert "not built" in route.cuda_cpp_reasons(csr.values, torch.device("cuda"))[0]
+        assert "not built" in route.cpp_runtime_reasons(torch.device("cuda"))[0]
         assert route.choose(csr.values, torch.device("cpu")) == "triton"
     x = torch.randn(3, 8)
     y = route.spmm(x, csr.values.detach(), *csr.topology())          # Triton under the interpreter here

@@ -1,9 +1,11 @@
 """Triton kernels (sparsekern.gpu) against the float64 masked-dense reference.
 
-Without a GPU (CI): every kernel runs under TRITON_INTERPRET=1 on CPU tensors at
-small sizes (tests/conftest.py sets the variable). With a GPU: the same tests at
-real sizes on CUDA, plus the GPU-only tests at the bottom (the ops through
-torch.library with autograd, opcheck, torch.compile, a sync-free rebuild).
+Without a GPU (CI): every test runs inside :func:`sparsekern.gpu.interpret.cuda_path_on_cpu`
+(the ``on_gpu_path`` fixture): CPU tensors count as CUDA ones and every kernel runs under
+TRITON_INTERPRET=1 (tests/conftest.py sets it) at small sizes, and the module tests run
+the whole GPU path (module -> backend selection -> ops with autograd -> CUDA impls ->
+launchers). With a GPU: the same tests at real sizes on CUDA, plus the GPU-only tests at
+the bottom (opcheck, torch.compile, a sync-free rebuild).
 fp16/bf16 errors are bounded by twice PyTorch's own error at that precision.
 """
 import pytest
@@ -15,7 +17,9 @@ from sparsekern.dst.rebuild import active_positions, update_topology
 from sparsekern.formats import CSRTopology
 from sparsekern.gpu import INTERPRET, launch, schedule, tuning
 from sparsekern.gpu.tuning import LaunchConfig
-from tests.conftest import make_topology
+from tests.conftest import assert_gpu_path, make_linear, make_topology, stable_seed
+
+pytestmark = pytest.mark.usefixtures("on_gpu_path")
 
 ON_GPU = torch.cuda.is_available() and not INTERPRET
 DEV = "cuda" if ON_GPU else "cpu"
@@ -231,19 +235,6 @@ def test_malformed_topology_is_refused_before_any_kernel():
         launch.sddmm(torch.randn(2, 8), torch.randn(2, 8), ro, ci, to, ti, tp.flip(0), 1)
 
 
-def test_dispatch_declares_the_triton_backend():
-    be = sk.BACKENDS["cuda"]
-    x = torch.randn(2, 8, dtype=torch.float16)
-    v = torch.randn(3, dtype=torch.float16)
-    assert "device cpu not in ['cuda']" in be.not_supported_reasons(x, v)[0]
-    with pytest.raises(NotImplementedError, match="cuda: device cpu"):
-        sk.select_backend(x, v)
-    for op in ("spmm", "spmm_t", "sddmm", "conv2d"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", "CUDA")
-    meta = torch.empty(2, 8, device="meta")
-    assert be.not_supported_reasons(meta, v) == ["device meta not in ['cuda']"]
-
-
 def test_tuning_table_lookup():
     assert tuning.density_bucket(0.09) == 0.1 and tuning.density_bucket(0.025) == 0.02
     cfg = tuning.lookup("spmm", 64, 0.1, torch.bfloat16)
@@ -254,14 +245,18 @@ def test_tuning_table_lookup():
     assert tuning.sddmm_split(10, 1000, 64, 528) == 1
 
 
-# ------------------------------------------------------------------ GPU only
-@gpu_only
+# ------------------------------------------- the whole GPU path (GPU, or interpreter)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout,b", LAYOUTS)
-def test_gpu_module_forward_backward_through_the_ops(layout, b, dtype):
+def test_module_forward_backward_through_the_ops(layout, b, dtype):
+    """SparseLinear -> sparse_linear -> torch.ops.sparsekern with autograd -> the CUDA impls
+    -> launchers, built by the same helper as the CPU tests (sparsekern.testing)."""
     out_f, in_f, M = SHAPES["csr" if b == 1 else b]
-    layer = sk.SparseLinear(in_f, out_f, density=0.1, layout=layout, block_size=max(b, 16)).to(DEV, dtype)
+    layer = make_linear(in_f, out_f, layout, b, density=0.1 if ON_GPU else 0.25, seed=stable_seed(layout, b),
+                        device=DEV, dtype=dtype)
+    assert layer.nnz > 0 and layer.weight.block_size == b
     x = torch.randn(M, in_f, device=DEV, dtype=dtype, requires_grad=True)
+    assert_gpu_path(sk.select_backend(x, layer.weight.values).name)
     y = layer(x)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -271,11 +266,13 @@ def test_gpu_module_forward_backward_through_the_ops(layout, b, dtype):
     b64 = layer.bias.detach().double().requires_grad_()
     y64 = sk.ops.reference.spmm(x64, v64, *w.topology(), b64)
     y64.backward(dy.double())
-    assert rel_err(y, y64) < (2e-5 if dtype == torch.float32 else 2e-2)
-    assert rel_err(x.grad, x64.grad) < (2e-5 if dtype == torch.float32 else 2e-2)
-    assert rel_err(w.values.grad, v64.grad) < (2e-5 if dtype == torch.float32 else 2e-2)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for got, want in ((y, y64), (x.grad, x64.grad), (w.values.grad, v64.grad), (layer.bias.grad, b64.grad)):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert rel_err(got, want) < tol
 
 
+# ------------------------------------------------------------------ GPU only
 @gpu_only
 @pytest.mark.parametrize("layout,b", [("csr", 1), ("bsr", 16)])
 def test_gpu_opcheck_and_compile(layout, b):

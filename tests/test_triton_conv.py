@@ -1,7 +1,9 @@
 """Sparse convolution on the GPU path (im2col + the Triton kernels) against the float64 reference.
 
-Without a GPU it runs the same code under TRITON_INTERPRET=1 on CPU tensors, calling
-the Triton launchers directly; with a GPU it goes through the ops (autograd included).
+Without a GPU it runs the same code under TRITON_INTERPRET=1 on CPU tensors inside
+:func:`sparsekern.gpu.interpret.cuda_path_on_cpu` (the ``on_gpu_path`` fixture): the conv
+functions with the Triton launchers directly, and the module through the ops (autograd
+included); with a GPU both go through the ops at larger sizes.
 """
 import pytest
 import torch
@@ -11,6 +13,10 @@ from torch import nn
 import sparsekern as sk
 from sparsekern.gpu import INTERPRET, conv as gconv, launch
 from sparsekern.ops import reference as ref
+from sparsekern.testing import layer_kwargs
+from tests.conftest import assert_gpu_path
+
+pytestmark = pytest.mark.usefixtures("on_gpu_path")       # CPU tensors count as CUDA ones here
 
 ON_GPU = torch.cuda.is_available() and not INTERPRET
 DEV = "cuda" if ON_GPU else "cpu"
@@ -34,8 +40,7 @@ def build(case):
     with torch.no_grad():
         dense.weight.normal_()
         dense.bias.normal_()
-    kw = {} if layout == "csr" else {"layout": "bsr", "block_size": b}
-    sc = sk.SparseConv2d.from_dense(dense, density=0.4, **kw).to(DEV)
+    sc = sk.SparseConv2d.from_dense(dense, density=0.4, **layer_kwargs(layout, b)).to(DEV)
     x = torch.randn(N, cin, H, W, dtype=torch.float64, device=DEV)
     return sc, x
 
@@ -70,19 +75,46 @@ def test_bsr_groups_that_do_not_tile_are_refused():
         gconv.grouped_topology(v, *sc.weight.topology(), 2, 6, 3, 3)
 
 
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (runs on the lent GPU)")
+# (N, Cin, Cout, H, W): a real layer on a GPU, a tiny one under the interpreter
+MODULE_CASE = (4, 32, 64, 14, 14) if ON_GPU else (2, 4, 6, 5, 5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_gpu_sparse_conv_module_forward_backward(dtype):
-    sc, x = build((4, 32, 64, 14, 14, 3, 1, 1, 1, 1, "csr", 1))
+@pytest.mark.parametrize("layout,b", [("csr", 1), ("bsr", 16)])
+def test_sparse_conv_module_forward_backward(layout, b, dtype):
+    """SparseConv2d -> sparse_conv2d -> the conv ops with autograd -> gpu.conv (im2col) -> the linear
+    ops -> launchers, against F.conv2d with the masked dense weight (x, weight and bias gradients)."""
+    N, cin, cout, H, W = MODULE_CASE
+    if b > 1:
+        cin, cout = 16, 16                                   # Cin*9 and Cout multiples of 16
+    sc, x = build((N, cin, cout, H, W, 3, 1, 1, 1, 1, layout, b))
+    assert sc.nnz > 0
     dense = sc.to_dense()
     sc, dense = sc.to(dtype), dense.to(DEV, dtype)
     x = x.to(dtype).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
+    mask = sc.mask().to(DEV)
+    w2 = dense.weight.detach().clone().requires_grad_()
+    assert_gpu_path(sk.select_backend(x, sc.weight.values, kind="conv").name)
     y = sc(x)
-    y_d = F.conv2d(x2, dense.weight * sc.mask().to(dtype), dense.bias, 1, 1)
     dy = torch.randn_like(y)
     y.backward(dy)
+    dense.bias.requires_grad_()
+    y_d = F.conv2d(x2, w2 * mask.to(dtype), dense.bias, 1, 1)
     y_d.backward(dy)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
-    assert ((y - y_d).abs().max() / y_d.abs().max()).item() < tol
-    assert ((x.grad - x2.grad).abs().max() / x2.grad.abs().max()).item() < tol
+
+    def close(got, want):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < tol
+
+    close(y, y_d)
+    close(x.grad, x2.grad)
+    close(_dense_grad(sc), w2.grad * mask.to(dtype))
+    close(sc.bias.grad, dense.bias.grad)
+
+
+def _dense_grad(sc):
+    """The values' gradient scattered into the dense [Cout, Cin/g, kh, kw] weight shape."""
+    w = sc.weight
+    return w.to_dense(dtype=w.values.dtype, values=w.values.grad).view(sc.out_channels, -1, *sc.kernel_size)

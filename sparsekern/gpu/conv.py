@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from sparsekern.formats import row_ids, transpose_metadata
 from sparsekern.gpu import schedule, values_probe
+from sparsekern.ops.backends import block_size_of
 
 
 def _ops():
@@ -34,7 +35,7 @@ def grouped_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_p
     """The topology over all ``Cin*kh*kw`` unfold columns (block units for BSR)."""
     if groups == 1:
         return row_offsets, col_indices, t_offsets, t_indices, t_perm
-    b = values.shape[-1] if values.dim() == 3 else 1
+    b = block_size_of(values)
     R = row_offsets.numel() - 1
     k_group = (cin // groups) * kh * kw
     if k_group % b:

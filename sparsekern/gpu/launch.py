@@ -4,8 +4,9 @@ These are the CUDA implementations of ``sparsekern::spmm``, ``spmm_t`` and
 ``sddmm`` (registered in :mod:`sparsekern.ops.library`). Each one checks its
 inputs, validates the topology (cached per version, see
 :mod:`sparsekern.gpu.schedule`), allocates the output, builds the grid and
-launches. Under ``TRITON_INTERPRET=1`` they also accept CPU tensors, which is
-how CI runs every kernel on a machine without a GPU.
+launches. Under ``TRITON_INTERPRET=1`` they also accept CPU tensors inside
+:func:`sparsekern.gpu.interpret.cuda_path_on_cpu` (where CPU tensors count as CUDA
+ones), which is how CI runs every kernel on a machine without a GPU.
 
 Supported: float16, bfloat16 and float32 values; CSR, and BSR with block size
 16, 32 or 64 (``tl.dot`` needs tiles of at least 16). fp32 uses TF32 exactly
@@ -20,6 +21,7 @@ import triton
 from sparsekern.gpu import INTERPRET, check_inputs, schedule, tuning, values_probe
 from sparsekern.gpu.triton_bsr import bsr_sddmm_kernel, bsr_spmm_kernel
 from sparsekern.gpu.triton_csr import csr_sddmm_kernel, csr_spmm_kernel
+from sparsekern.ops.backends import block_size_of
 
 
 def _INTERPRET_BF16(dtype):  # noqa: N802
@@ -36,11 +38,6 @@ def _flat(t):
 
 def _precision():
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
-def _density(values, R, C, b):
-    cells = R * C
-    return values.shape[0] / cells if cells else 0.0
 
 
 def _num_sms(device):
@@ -63,10 +60,11 @@ def _launch(kernel, grid, device, *args, **meta):
 def _spmm_any(name, x2, values, offsets, indices, perm, bias, out_blocks, in_blocks, trans_w,
               cfg: tuning.LaunchConfig | None):
     """y [M, out_blocks*b] from x2 [M, in_blocks*b] over the CSR/BSR structure (offsets, indices)."""
-    b = values.shape[-1] if values.dim() == 3 else 1
+    b = block_size_of(values)
     M = x2.shape[0]
     dev = x2.device
-    cfg = cfg or tuning.lookup("spmm", b, _density(values, out_blocks, in_blocks, b), values.dtype, INTERPRET)
+    cfg = cfg or tuning.lookup("spmm", b, schedule.block_density(values, out_blocks, in_blocks), values.dtype,
+                               INTERPRET)
     out_cols = out_blocks * b
     if b > 1:
         y = torch.empty(M, out_cols, dtype=torch.float32 if _INTERPRET_BF16(values.dtype) else values.dtype,
@@ -109,10 +107,10 @@ def spmm(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias
     x: f16/bf16/f32, same dtype and device as values; bias: optional [R*b] of that dtype.
     ``config``: a :class:`~sparsekern.gpu.tuning.LaunchConfig` overriding the table (tests, tuning).
     """
-    b = values.shape[-1] if values.dim() == 3 else 1
+    b = block_size_of(values)
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
     topo = (row_offsets, col_indices, t_offsets, t_indices, t_perm)
-    check_inputs("spmm", x, values, topo, b, C * b)
+    check_inputs("spmm", "triton", x, values, topo, b, C * b)
     if bias is not None and (bias.shape != (R * b,) or bias.device != x.device):
         raise ValueError(f"spmm: bias has shape {tuple(bias.shape)} on {bias.device}; expected ({R * b},) "
                          f"on {x.device}")
@@ -122,10 +120,10 @@ def spmm(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias
 
 def spmm_t(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, *, config=None):
     """dx [..., C*b] = dy [..., R*b] . W, walking W^T's rows through ``t_perm`` (no value copy)."""
-    b = values.shape[-1] if values.dim() == 3 else 1
+    b = block_size_of(values)
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
     topo = (row_offsets, col_indices, t_offsets, t_indices, t_perm)
-    check_inputs("spmm_t", dy, values, topo, b, R * b)
+    check_inputs("spmm_t", "triton", dy, values, topo, b, R * b)
     dx = _spmm_any("spmm_t", _flat(dy), values, t_offsets, t_indices, t_perm, None, C, R, False, config)
     return dx.reshape(*dy.shape[:-1], C * b)
 
@@ -143,13 +141,13 @@ def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_s
     topo = (row_offsets, col_indices, t_offsets, t_indices, t_perm)
     nnz = col_indices.numel()
     probe = values_probe(x, nnz, b)
-    check_inputs("sddmm", x, probe, topo, b, C * b)
+    check_inputs("sddmm", "triton", x, probe, topo, b, C * b)
     if dy.shape[:-1] != x.shape[:-1] or dy.shape[-1] != R * b or dy.dtype != x.dtype or dy.device != x.device:
         raise ValueError(f"sddmm: dy is {dy.dtype} {tuple(dy.shape)} on {dy.device}; expected "
                          f"{x.dtype} {tuple(x.shape[:-1]) + (R * b,)} on {x.device}")
     dy2, x2 = _flat(dy), _flat(x)
     M, dev = x2.shape[0], x2.device
-    cfg = config or tuning.lookup("sddmm", b, _density(probe, R, C, b), x.dtype, INTERPRET)
+    cfg = config or tuning.lookup("sddmm", b, schedule.block_density(probe, R, C), x.dtype, INTERPRET)
     items = nnz if b > 1 else triton.cdiv(nnz, cfg.block_nz)
     if split is None:
         split = tuning.sddmm_split(M, items, cfg.block_m, 4 * _num_sms(dev))

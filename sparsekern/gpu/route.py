@@ -1,11 +1,16 @@
-"""Which GPU kernels run a linear op: the CUDA C++ kernels or Triton, by declared capability.
+"""The CUDA implementations of the linear ops: the CUDA C++ kernels or Triton, by declared capability.
 
-The CUDA implementations of ``sparsekern::spmm``, ``spmm_t`` and ``sddmm`` come
-here. BSR always runs on the Triton kernels (``tl.dot`` on tensor cores). CSR
-runs on the CUDA C++ kernels of ``csrc/cuda`` (Sputnik-style SpMM, warp-reduced
-SDDMM, and a tensor-core SpMM for 70-90% sparsity) when they are built, and on
-Triton otherwise. ``SPARSEKERN_GPU_BACKEND=triton|cuda`` forces one (``cuda``
-refuses, with the reasons, what it cannot run).
+The CUDA implementations of ``sparsekern::spmm``, ``spmm_t`` and ``sddmm``
+come here; which kernels run is :func:`sparsekern.ops.backends.select_gpu`'s
+choice between the declared ``cuda_cpp`` and ``triton`` backends. BSR always runs
+on the Triton kernels (``tl.dot`` on tensor cores).
+CSR runs on Triton by default: those kernels are the ones CI runs (under the
+Triton interpreter, on CPU tensors). The CUDA C++ kernels of ``csrc/cuda``
+(Sputnik-style SpMM, warp-reduced SDDMM, a tensor-core SpMM for 70-90%
+sparsity) have never executed on a GPU; ``auto`` picks them for CSR only once
+:data:`CUDA_CPP_VERIFIED_BY` records a passing ``scripts/gpu_check.sh`` run.
+``SPARSEKERN_GPU_BACKEND=triton|cuda`` forces one (``cuda`` opts in to the C++
+kernels before that, and refuses, with the reasons, what they cannot run).
 
 The C++ kernels take the dense operands transposed (``[features, M]``, M
 contiguous, as Sputnik's dense operand), so this layer transposes ``x``/``dy``
@@ -15,13 +20,18 @@ narrowed to 16 bits when the weight has at most 65536 columns (cached).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from sparsekern.gpu import DTYPES, check_inputs, schedule, values_probe
+from sparsekern.gpu import check_inputs, schedule, values_probe
+from sparsekern.ops.backends import ENV, block_size_of, select_gpu  # noqa: F401  (ENV: the variable)
 
-ENV = "SPARSEKERN_GPU_BACKEND"
+# The record that the CUDA C++ kernels passed their suite on a real GPU: the results
+# folder of the scripts/gpu_check.sh run whose C++ steps (build, the GPU tests, the tests
+# again with SPARSEKERN_GPU_BACKEND=cuda, compute-sanitizer memcheck/racecheck of the C++
+# cases) all passed, e.g. "benchmarks/results/gpu_check/2026-12-01_1200_nvidia_h200".
+# gpu_check.sh's summary prints the line to set here; commit it with that folder.
+# None: not verified, so ``auto`` keeps CSR on Triton (SPARSEKERN_GPU_BACKEND=cuda opts in).
+CUDA_CPP_VERIFIED_BY: str | None = None
 # The tensor-core path pays at 70-90% sparsity (a densified tile still has work);
 # below 10% density the CUDA-core path is used. To be tuned on a GPU.
 TENSOR_CORE_MIN_DENSITY = 0.1
@@ -37,31 +47,21 @@ def cpp_ops():
         return None
 
 
-def cuda_cpp_reasons(values: torch.Tensor, device: torch.device) -> list[str]:
-    """Why the CUDA C++ kernels cannot run this weight (empty when they can)."""
+def cpp_runtime_reasons(device: torch.device) -> list[str]:
+    """What only run time says against the CUDA C++ kernels on ``device`` (empty when they can
+    run; their declared dtypes and layouts are in :mod:`sparsekern.ops.backends`)."""
     reasons = []
     if cpp_ops() is None:
         reasons.append("the CUDA C++ kernels are not built (built only with a CUDA torch and nvcc)")
     if device.type != "cuda":
-        reasons.append(f"device {device.type} is not CUDA")
-    if values.dim() == 3:
-        reasons.append("BSR weights run on the Triton kernels")
-    if values.dtype not in DTYPES:
-        reasons.append(f"dtype {values.dtype} not in {[str(d) for d in DTYPES]}")
+        reasons.append(f"{device.type} tensors: the CUDA C++ kernels need CUDA tensors "
+                       f"(under the Triton interpreter the GPU path runs Triton)")
     return reasons
 
 
 def choose(values: torch.Tensor, device: torch.device) -> str:
-    """"cuda" (C++ kernels) or "triton" for this weight, following SPARSEKERN_GPU_BACKEND."""
-    want = os.environ.get(ENV, "auto")
-    if want not in ("auto", "triton", "cuda"):
-        raise ValueError(f"{ENV}={want!r}; expected auto, triton or cuda")
-    if want == "triton":
-        return "triton"
-    reasons = cuda_cpp_reasons(values, device)
-    if want == "cuda" and reasons:
-        raise NotImplementedError(f"{ENV}=cuda, but the CUDA C++ kernels cannot run this: {'; '.join(reasons)}")
-    return "cuda" if not reasons else "triton"
+    """"cuda_cpp" or "triton": the GPU backend for this weight (:func:`sparsekern.ops.backends.select_gpu`)."""
+    return select_gpu(device, values.dtype, block_size_of(values)).name
 
 
 def narrow_indices(offsets: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -77,10 +77,6 @@ def narrow_indices(offsets: torch.Tensor, indices: torch.Tensor, n_cols: int) ->
 
 
 def _launch():
-    from sparsekern.gpu import triton_missing_reason
-    reason = triton_missing_reason()
-    if reason is not None:
-        raise NotImplementedError(f"this op runs on the Triton kernels here, but {reason}")
     from sparsekern.gpu import launch
     return launch
 
@@ -90,8 +86,8 @@ def _flat_t(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).t().contiguous()
 
 
-def _density(values, R, C):
-    return values.shape[0] / (R * C) if R * C else 0.0
+def _tensor_cores(values, R, C) -> bool:
+    return values.dtype != torch.float32 and schedule.block_density(values, R, C) >= TENSOR_CORE_MIN_DENSITY
 
 
 def spmm(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias=None):
@@ -99,10 +95,10 @@ def spmm(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias
     if choose(values, x.device) == "triton":
         return _launch().spmm(x, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias)
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
-    check_inputs("spmm", x, values, (row_offsets, col_indices, t_offsets, t_indices, t_perm), 1, C, False)
-    tc = values.dtype != torch.float32 and _density(values, R, C) >= TENSOR_CORE_MIN_DENSITY
+    check_inputs("spmm", "cuda_cpp", x, values, (row_offsets, col_indices, t_offsets, t_indices, t_perm), 1, C)
     y_t = cpp_ops().csr_spmm_t(_flat_t(x), values, row_offsets, narrow_indices(row_offsets, col_indices, C),
-                                None, schedule.row_order(row_offsets, col_indices), bias, False, tc)
+                                None, schedule.row_order(row_offsets, col_indices), bias, False,
+                                _tensor_cores(values, R, C))
     return y_t.t().contiguous().reshape(*x.shape[:-1], R)
 
 
@@ -111,10 +107,9 @@ def spmm_t(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm):
     if choose(values, dy.device) == "triton":
         return _launch().spmm_t(dy, values, row_offsets, col_indices, t_offsets, t_indices, t_perm)
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
-    check_inputs("spmm_t", dy, values, (row_offsets, col_indices, t_offsets, t_indices, t_perm), 1, R, False)
-    tc = values.dtype != torch.float32 and _density(values, R, C) >= TENSOR_CORE_MIN_DENSITY
+    check_inputs("spmm_t", "cuda_cpp", dy, values, (row_offsets, col_indices, t_offsets, t_indices, t_perm), 1, R)
     dx_t = cpp_ops().csr_spmm_t(_flat_t(dy), values, t_offsets, narrow_indices(t_offsets, t_indices, R), t_perm,
-                                 schedule.row_order(t_offsets, t_indices), None, False, tc)
+                                 schedule.row_order(t_offsets, t_indices), None, False, _tensor_cores(values, R, C))
     return dx_t.t().contiguous().reshape(*dy.shape[:-1], C)
 
 
@@ -126,7 +121,7 @@ def sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, block_s
     if choose(probe, x.device) == "triton":
         return _launch().sddmm(dy, x, row_offsets, col_indices, t_offsets, t_indices, t_perm, b)
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
-    check_inputs("sddmm", x, probe, (row_offsets, col_indices, t_offsets, t_indices, t_perm), 1, C, False)
+    check_inputs("sddmm", "cuda_cpp", x, probe, (row_offsets, col_indices, t_offsets, t_indices, t_perm), 1, C)
     if dy.shape[:-1] != x.shape[:-1] or dy.shape[-1] != R or dy.dtype != x.dtype:
         raise ValueError(f"sddmm: dy is {dy.dtype} {tuple(dy.shape)}; expected {x.dtype} "
                          f"{tuple(x.shape[:-1]) + (R,)}")

@@ -6,7 +6,7 @@
 * :func:`csr_schedule` is the row-length schedule of the CSR SpMM kernel
   (segments of at most ``seg_cap`` entries, sorted by length, longest first).
 * :func:`row_order` orders BSR block rows by length, longest first.
-* :func:`row_ids` gives each stored entry its row (for the SDDMM kernels).
+* :func:`row_ids` gives each stored entry its row (for the SDDMM kernels), cached.
 
 Everything is built with sort, cumsum, searchsorted and index arithmetic on the
 structure's own device; a schedule reads two scalars back to the host (the
@@ -27,6 +27,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from sparsekern import formats
+from sparsekern.ops.backends import block_size_of
 
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -59,7 +60,7 @@ def validated(values, row_offsets, col_indices, t_offsets, t_indices, t_perm) ->
 
     The structure checks run once per version of the index tensors (cached).
     """
-    b = values.shape[-1] if values.dim() == 3 else 1
+    b = block_size_of(values)
     R, C = row_offsets.numel() - 1, t_offsets.numel() - 1
     tensors = (values, row_offsets, col_indices, t_offsets, t_indices, t_perm)
 
@@ -81,7 +82,7 @@ def mark_validated(values, row_offsets, col_indices, t_offsets, t_indices, t_per
     positions and derives everything else), so a GPU rebuild is not followed by
     a full re-validation on the next call.
     """
-    b = values.shape[-1] if values.dim() == 3 else 1
+    b = block_size_of(values)
     _cached(row_offsets, ("valid", b, tuple(values.shape), values.dtype, values.device),
             (row_offsets, col_indices, t_offsets, t_indices, t_perm), lambda: True)
 
@@ -147,13 +148,9 @@ def row_order(offsets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def row_ids(offsets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """int32 [nnz]: the row of every stored entry, cached (no host read)."""
-    def build():
-        nnz = indices.numel()
-        pos = torch.arange(nnz, device=offsets.device, dtype=offsets.dtype)
-        return (torch.searchsorted(offsets[1:].contiguous(), pos, right=True)).to(torch.int32)
-
-    return _cached(offsets, ("rows",), (offsets, indices), build)
+    """int32 [nnz]: the row of every stored entry (:func:`sparsekern.formats.row_ids`), cached."""
+    return _cached(offsets, ("rows",), (offsets, indices),
+                   lambda: formats.row_ids(offsets, indices.numel()).to(torch.int32))
 
 
 def mean_row_length(offsets: torch.Tensor, nnz: int) -> float:
@@ -161,5 +158,11 @@ def mean_row_length(offsets: torch.Tensor, nnz: int) -> float:
     return nnz / rows if rows else 0.0
 
 
+def block_density(values: torch.Tensor, rows: int, cols: int) -> float:
+    """Fraction of the rows x cols (block) positions stored: values [nnz] or [nnz, b, b] (0 when empty)."""
+    cells = rows * cols
+    return values.shape[0] / cells if cells else 0.0
+
+
 __all__ = ["CSRSchedule", "csr_schedule", "row_order", "row_ids", "validated", "mark_validated", "clear_cache",
-           "mean_row_length"]
+           "mean_row_length", "block_density"]

@@ -9,7 +9,9 @@ changes speed, never results.
 so every entry below is a starting point derived from the Triton matmul
 tutorial's H100 configs and the tile sizes in the anchors (stk, PyTorch's BSR
 kernels), not a measured optimum. ``benchmarks/bench_gpu.py --tune`` sweeps the
-candidates of :data:`CANDIDATES` on a GPU and prints the rows to paste here.
+candidates of :data:`CANDIDATES` on a GPU (:func:`sweep`) and prints the rows to
+paste here (:func:`table_row`); ``--tune --interpret`` runs the same plumbing on
+CPU tensors at a tiny size (tests/test_bench_gpu.py).
 """
 from __future__ import annotations
 
@@ -78,15 +80,57 @@ def _heuristic(op: str, block_size: int) -> LaunchConfig:
     return LaunchConfig(block_m=64, num_warps=4 if block_size <= 32 else 8, num_stages=3)
 
 
+def dtype_key(dtype: torch.dtype) -> str:
+    """The dtype field of a :data:`TABLE` key ("f16", "bf16" or "f32")."""
+    return _DT.get(dtype, "f32")
+
+
+def table_key(op: str, block_size: int, density: float, dtype: torch.dtype) -> tuple:
+    """The :data:`TABLE` key :func:`lookup` tries first (and the one ``--tune`` prints)."""
+    return (op, block_size, density_bucket(density), dtype_key(dtype))
+
+
 def lookup(op: str, block_size: int, density: float, dtype: torch.dtype, interpret: bool = False) -> LaunchConfig:
     """Launch parameters for ``op`` ("spmm" or "sddmm") on this weight and dtype."""
-    dt = _DT.get(dtype, "f32")
-    cfg = (TABLE.get((op, block_size, density_bucket(density), dt))
-           or TABLE.get((op, block_size, None, dt))
+    cfg = (TABLE.get(table_key(op, block_size, density, dtype))
+           or TABLE.get((op, block_size, None, dtype_key(dtype)))
            or _heuristic(op, block_size))
     if interpret:   # the interpreter runs tiles as numpy arrays: small tiles keep CI fast
         cfg = replace(cfg, block_m=16, block_r=min(cfg.block_r, 16), block_nz=min(cfg.block_nz, 32))
     return cfg
+
+
+def candidates(block_size: int) -> list[LaunchConfig]:
+    """What the tuning sweep tries for a weight of ``block_size`` (1: CSR)."""
+    return CANDIDATES["csr" if block_size == 1 else "bsr"]
+
+
+def sweep(time_ms, configs) -> tuple[tuple[LaunchConfig, float] | None, list[tuple[LaunchConfig, str]]]:
+    """The fastest of ``configs``: ``((config, ms) or None when none ran, skipped)``.
+
+    ``time_ms(config)`` returns a time in ms, or raises when the config cannot run
+    these inputs (a refusal, or a tile the compiler rejects, e.g. Triton's
+    ``OutOfResources``): that config is skipped and listed in ``skipped`` with why.
+    """
+    best, skipped = None, []
+    for cfg in configs:
+        try:
+            ms = time_ms(cfg)
+        except Exception as exc:  # noqa: BLE001 - any failing candidate is a result of the sweep
+            skipped.append((cfg, f"{type(exc).__name__}: {str(exc).strip()[:160]}"))
+            continue
+        if best is None or ms < best[1]:
+            best = (cfg, ms)
+    return best, skipped
+
+
+def table_row(op: str, block_size: int, density: float, dtype: torch.dtype, best) -> str:
+    """The line to paste into this file for a :func:`sweep` result (a comment when none ran)."""
+    key = table_key(op, block_size, density, dtype)
+    if best is None:
+        return f"# TABLE[{key!r}]: no candidate ran"
+    cfg, ms = best
+    return f"TABLE[{key!r}] = {cfg!r}  # {ms:.3f} ms"
 
 
 def sddmm_split(M: int, n_items: int, block_m: int, target_programs: int) -> int:

@@ -1,7 +1,8 @@
-"""Sparse matmul and conv ops: registration (library), reference and dispatch."""
-from sparsekern.ops import library, reference
+"""Sparse matmul and conv ops: registration (library), reference, backends and dispatch."""
+from sparsekern.ops import backends, library, reference
 from sparsekern.ops.conv import conv_geometry, sparse_conv2d
-from sparsekern.ops.dispatch import BACKENDS, select_backend, sparse_linear
+from sparsekern.ops.backends import BACKENDS, select_backend
+from sparsekern.ops.dispatch import sparse_linear
 
-__all__ = ["library", "reference", "BACKENDS", "select_backend", "sparse_linear", "sparse_conv2d",
+__all__ = ["backends", "library", "reference", "BACKENDS", "select_backend", "sparse_linear", "sparse_conv2d",
            "conv_geometry"]

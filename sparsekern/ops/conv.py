@@ -4,7 +4,7 @@ The weight W is stored as a topology of shape ``[Cout, Cin/groups * kh * kw]``
 whose column ``(ci * kh + i) * kw + j`` is ``nn.Conv2d``'s ``weight[:, ci, i, j]``,
 so ``W.to_dense().view(Cout, Cin // groups, kh, kw)`` is the dense conv weight.
 
-Which path runs where (see :mod:`sparsekern.ops.dispatch` for the backends):
+Which path runs where (see :mod:`sparsekern.ops.backends` for the backends):
 
 =============  ========  =============================================================
 backend        device    implementation
@@ -12,6 +12,8 @@ backend        device    implementation
 ``cpu``        CPU       direct sparse convolution in C++/OpenMP (no im2col): each
                          nonzero is one broadcast-FMA over a shifted window of the
                          zero-padded input; dX reads W^T's metadata, dW is per-nonzero
+``cuda_cpp``   CUDA      im2col (``F.unfold``) + the linear ops (:mod:`sparsekern.gpu.conv`),
+``triton``     CUDA      on whichever GPU kernels run the linear ops
 ``reference``  any       ``F.unfold`` + gather/index_add of the nonzeros (tests)
 =============  ========  =============================================================
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from sparsekern._checks import check_int, check_pair as _pair
-from sparsekern.ops.dispatch import select_backend
+from sparsekern.ops.backends import select_backend
 
 
 def conv_geometry(kernel_size, stride=1, padding=0, dilation=1, groups=1) -> list[int]:
@@ -63,7 +65,7 @@ def sparse_conv2d(x: torch.Tensor, weight, geometry: list[int], bias: torch.Tens
         weight: a ``CSRTopology``/``BSRTopology`` of shape [Cout, Cin/groups * kh * kw].
         geometry: from :func:`conv_geometry` (kernel, stride, padding, dilation, groups).
         bias: optional float [Cout].
-        backend: "auto", "cpu" or "reference".
+        backend: "auto", "cpu", "cuda" or "reference".
 
     Returns:
         float [N, Cout, OH, OW] (unbatched in, unbatched out), in x's memory

@@ -22,14 +22,16 @@ pad_right, dilation_h, dilation_w, groups]`` (see :mod:`sparsekern.ops.conv`).
 ``<topology>`` is ``row_offsets, col_indices, t_offsets, t_indices, t_perm``.
 Each op's backward uses only these three ops, so no dense weight-sized tensor
 is ever created. Kernels: CPU (C++/OpenMP, float32/float64); CUDA (Triton,
-float16/bfloat16/float32, :mod:`sparsekern.gpu`) for spmm, spmm_t and sddmm, and
-the conv ops on CUDA as im2col + those (:mod:`sparsekern.gpu.conv`).
+float16/bfloat16/float32: the router :mod:`sparsekern.gpu.route`, which runs the
+CUDA C++ or the Triton kernels) for spmm, spmm_t and sddmm, and the conv ops on CUDA
+as im2col + those (:mod:`sparsekern.gpu.conv`).
 """
 from __future__ import annotations
 
 import torch
 
 from sparsekern import _ext
+from sparsekern.ops.backends import block_size_of  # noqa: F401  (also public here)
 
 _TOPO = "Tensor row_offsets, Tensor col_indices, Tensor t_offsets, Tensor t_indices, Tensor t_perm"
 SCHEMAS = {
@@ -75,10 +77,12 @@ def _cuda_conv(name):
     return kernel
 
 
-for _name in ("spmm", "spmm_t", "sddmm"):
-    _lib.impl(_name, _cuda_kernel(_name), "CUDA")
-for _name in ("conv2d", "conv2d_dx", "conv2d_dw"):
-    _lib.impl(_name, _cuda_conv(_name), "CUDA")
+# Every op's CUDA implementation, also what sparsekern.gpu.interpret.cuda_path_on_cpu
+# registers for CPU tensors (the GPU path under the Triton interpreter).
+CUDA_IMPLS = {**{n: _cuda_kernel(n) for n in ("spmm", "spmm_t", "sddmm")},
+              **{n: _cuda_conv(n) for n in ("conv2d", "conv2d_dx", "conv2d_dw")}}
+for _name, _impl in CUDA_IMPLS.items():
+    _lib.impl(_name, _impl, "CUDA")
 
 spmm = torch.ops.sparsekern.spmm.default
 spmm_t = torch.ops.sparsekern.spmm_t.default
@@ -86,11 +90,6 @@ sddmm = torch.ops.sparsekern.sddmm.default
 conv2d = torch.ops.sparsekern.conv2d.default
 conv2d_dx = torch.ops.sparsekern.conv2d_dx.default
 conv2d_dw = torch.ops.sparsekern.conv2d_dw.default
-
-
-def block_size_of(values: torch.Tensor) -> int:
-    """1 for CSR values [nnz], b for BSR values [nnz, b, b]."""
-    return values.shape[-1] if values.dim() == 3 else 1
 
 
 # ---------------------------------------------------------------- fake impls

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparsekern.formats import row_ids
+from sparsekern.ops.backends import block_size_of
 
 
 def _flat(t):
@@ -90,7 +91,7 @@ def _gcols(values, row_offsets, col_indices, geometry, cin):
     """Rows and global unfold columns of every element."""
     kh, kw, groups = geometry[0], geometry[1], geometry[10]
     rows, cols, vals = _element_entries(values, row_offsets, col_indices)
-    cout = (row_offsets.numel() - 1) * (values.shape[-1] if values.dim() == 3 else 1)
+    cout = (row_offsets.numel() - 1) * block_size_of(values)
     kg = (cin // groups) * kh * kw
     return rows, cols + (rows // (cout // groups)) * kg, vals, cout
 
