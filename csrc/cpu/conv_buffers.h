@@ -75,10 +75,9 @@ inline ShiftSpec dy_spec(const ConvShape& s, const at::Tensor& dy, int64_t vw) {
 // Elements after the last image that stray lanes of a band may touch.
 inline int64_t buffer_slack(int64_t tile_w, const ShiftSpec& sp) { return tile_w + sp.Ws; }
 
-// Copies plane q of image n; returns whether every copied element is finite
-// (a zero times a non-finite element is NaN: the dW kernel then masks its loads).
+// Copies plane q of image n.
 template <typename scalar_t>
-bool copy_plane(const ShiftSpec& sp, int64_t n, int64_t q, scalar_t* d) {
+void copy_plane(const ShiftSpec& sp, int64_t n, int64_t q, scalar_t* d) {
   using V = typename ConvVec<scalar_t>::V;
   const at::Tensor& src = sp.src;
   const int64_t C = src.size(1), H = src.size(2), W = src.size(3);
@@ -90,8 +89,6 @@ bool copy_plane(const ShiftSpec& sp, int64_t n, int64_t q, scalar_t* d) {
   const int64_t jlo = std::min(Ws, std::max<int64_t>(0, -floordiv(b - sp.off_l, sw)));
   const int64_t jhi = std::max(jlo, std::min(Ws, floordiv(W - 1 - b + sp.off_l, sw) + 1));
   constexpr int VW = ConvVec<scalar_t>::W;
-  V zero_test = {};  // sum of element * 0: NaN in some lane iff an element is not finite
-  scalar_t zero_test_s = 0;
   for (int64_t i = 0; i < sp.Hs; ++i) {
     scalar_t* drow = d + i * Ws;
     const int64_t ih = i * sp.sh + a - sp.off_t;
@@ -113,58 +110,44 @@ bool copy_plane(const ShiftSpec& sp, int64_t n, int64_t q, scalar_t* d) {
           const scalar_t* q = srow0 + (j0 + lo - sp.off_l);
           v = lanes_up<scalar_t>(load_lanes<scalar_t>(q, 0, hi - lo), lo);
         }
-        zero_test += v * scalar_t(0);
         store_first<scalar_t>(drow + j0, v, static_cast<int>(std::min<int64_t>(VW, Ws - j0)));
       }
       continue;
     }
     std::fill(drow, drow + jlo, scalar_t(0));
     const scalar_t* srow = plane + ih * s2 + (jlo * sw + b - sp.off_l) * s3;
-    for (int64_t j = jlo; j < jhi; ++j) {
-      drow[j] = srow[(j - jlo) * sw * s3];
-      zero_test_s += drow[j] * scalar_t(0);
-    }
+    for (int64_t j = jlo; j < jhi; ++j) drow[j] = srow[(j - jlo) * sw * s3];
     std::fill(drow + jhi, drow + Ws, scalar_t(0));
   }
-  return hsum_v<scalar_t>(zero_test) + zero_test_s == scalar_t(0);
 }
 
 // All images into dst [N][planes][Hs][Ws], split over threads by plane.
-// Returns, per image, whether all its elements are finite.
 template <typename scalar_t>
-std::vector<uint8_t> copy_all(const ShiftSpec& sp, scalar_t* dst) {
-  const int64_t N = sp.src.size(0), P = sp.planes(), plane = sp.Hs * sp.Ws;
-  std::vector<uint8_t> finite_plane(N * P);
-  at::parallel_for(0, N * P, 4, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q)
-      finite_plane[q] = copy_plane<scalar_t>(sp, q / P, q % P, dst + q * plane);
+void copy_all(const ShiftSpec& sp, scalar_t* dst) {
+  const int64_t P = sp.planes(), plane = sp.Hs * sp.Ws;
+  at::parallel_for(0, sp.src.size(0) * P, 4, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) copy_plane<scalar_t>(sp, q / P, q % P, dst + q * plane);
   });
-  std::vector<uint8_t> finite(N, 1);
-  for (int64_t q = 0; q < N * P; ++q) finite[q / P] &= finite_plane[q];
-  return finite;
 }
 
-// Image n into dst [planes][Hs][Ws]; returns whether all its elements are
-// finite. A contiguous (NCHW) source is prefetched some channels ahead of the
+// Image n into dst [planes][Hs][Ws]. A contiguous (NCHW) source is prefetched some channels ahead of the
 // copy, which otherwise stalls on its loads from memory (40% of its perf
 // samples on the masked load): ~1-2% off forward and dX at 3x3 256ch 14x14
 // 95%, alternated call by call.
 template <typename scalar_t>
-bool copy_image(const ShiftSpec& sp, int64_t n, scalar_t* dst) {
+void copy_image(const ShiftSpec& sp, int64_t n, scalar_t* dst) {
   constexpr int64_t kAhead = 16;
   const int64_t P = sp.planes(), C = sp.src.size(1);
   const bool prefetch = sp.src.is_contiguous();
   const int64_t chan_bytes = sp.src.stride(1) * static_cast<int64_t>(sizeof(scalar_t));
   const char* image = reinterpret_cast<const char*>(sp.src.data_ptr<scalar_t>() + n * sp.src.stride(0));
-  bool finite = true;
   for (int64_t q = 0; q < P; ++q) {
     if (prefetch && q + kAhead < P) {
       const char* a = image + ((q + kAhead) % C) * chan_bytes;
       for (int64_t l = 0; l < chan_bytes; l += 64) __builtin_prefetch(a + l, 0, 3);
     }
-    finite &= copy_plane<scalar_t>(sp, n, q, dst + q * sp.Hs * sp.Ws);
+    copy_plane<scalar_t>(sp, n, q, dst + q * sp.Hs * sp.Ws);
   }
-  return finite;
 }
 
 // The adjoint of copy_image for a contiguous src: src[n][c][ih][iw] =

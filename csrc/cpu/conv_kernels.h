@@ -248,7 +248,6 @@ void dw_band(const Band<scalar_t>& b) {
   using V = typename ConvVec<scalar_t>::V;
   constexpr int W = ConvVec<scalar_t>::W;
   const int64_t ws = WS > 0 ? WS : b.ws;
-  const auto win = [&b](const scalar_t* p, int r, int s) { return load_window<scalar_t, MASKED>(b, p, r, s); };
   V d[RB][NSEG];
   load_dy_band<scalar_t, NSEG, RB>(b, d);
   int64_t j = b.j0;
@@ -263,15 +262,15 @@ void dw_band(const Band<scalar_t>& b) {
       for (int s = 0; s < NSEG; ++s) {
         const int64_t o = r * ws + s * W;
         if ((r * NSEG + s) % 2 == 0) {
-          a0 += d[r][s] * win(p0 + o, r, s);
-          a1 += d[r][s] * win(p1 + o, r, s);
-          a2 += d[r][s] * win(p2 + o, r, s);
-          a3 += d[r][s] * win(p3 + o, r, s);
+          a0 += d[r][s] * load_window<scalar_t, MASKED>(b, p0 + o, r, s);
+          a1 += d[r][s] * load_window<scalar_t, MASKED>(b, p1 + o, r, s);
+          a2 += d[r][s] * load_window<scalar_t, MASKED>(b, p2 + o, r, s);
+          a3 += d[r][s] * load_window<scalar_t, MASKED>(b, p3 + o, r, s);
         } else {
-          c0 += d[r][s] * win(p0 + o, r, s);
-          c1 += d[r][s] * win(p1 + o, r, s);
-          c2 += d[r][s] * win(p2 + o, r, s);
-          c3 += d[r][s] * win(p3 + o, r, s);
+          c0 += d[r][s] * load_window<scalar_t, MASKED>(b, p0 + o, r, s);
+          c1 += d[r][s] * load_window<scalar_t, MASKED>(b, p1 + o, r, s);
+          c2 += d[r][s] * load_window<scalar_t, MASKED>(b, p2 + o, r, s);
+          c3 += d[r][s] * load_window<scalar_t, MASKED>(b, p3 + o, r, s);
         }
       }
     hsum4_add<scalar_t>(a0 + c0, a1 + c1, a2 + c2, a3 + c3, b.out + b.vidx[j], b.out + b.vidx[j + 1],
@@ -281,7 +280,7 @@ void dw_band(const Band<scalar_t>& b) {
     const scalar_t* p = b.buf + b.eoff[j];
     V a = {};
     for (int r = 0; r < RB; ++r)
-      for (int s = 0; s < NSEG; ++s) a += d[r][s] * win(p + r * ws + s * W, r, s);
+      for (int s = 0; s < NSEG; ++s) a += d[r][s] * load_window<scalar_t, MASKED>(b, p + r * ws + s * W, r, s);
     b.out[b.vidx[j]] += hsum_v<scalar_t>(a);
   }
 }

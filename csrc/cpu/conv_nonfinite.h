@@ -5,7 +5,9 @@
 // times a padding zero would be NaN where F.conv2d is finite, so the forward
 // and dX launchers run the kernels with such values zeroed and then add each
 // one's exact contribution over the in-bounds positions only (a scalar loop
-// over the few non-finite values; finite weights never take this path).
+// over the few non-finite values; finite weights never take this path). dW
+// checks its result instead (sparse_conv_cpu.cpp): only a non-finite result
+// can hold a spurious NaN, and then it is recomputed with masked loads.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,12 +28,12 @@ struct WeightElem {
   int64_t co, ci, kh, kw;
 };
 
-// The flat value indices of the non-finite values (empty, after one O(nnz)
-// vectorised pass, when all are finite).
+// The flat indices of the non-finite elements of t (contiguous), empty after
+// one vectorised pass when all are finite.
 template <typename scalar_t>
-std::vector<int64_t> nonfinite_values(const at::Tensor& values) {
-  const scalar_t* v = values.data_ptr<scalar_t>();
-  const int64_t n = values.numel();
+std::vector<int64_t> nonfinite_values(const at::Tensor& t) {
+  const scalar_t* v = t.data_ptr<scalar_t>();
+  const int64_t n = t.numel();
   scalar_t test = 0;
 #pragma omp simd reduction(+ : test)
   for (int64_t i = 0; i < n; ++i) test += v[i] * scalar_t(0);

@@ -78,7 +78,8 @@ inline std::vector<int64_t> balance(const std::vector<int64_t>& rowptr, int nchu
 //             (forward, and the stride-1 dX over the padded dy); the kernels
 //             read the values pre-gathered in entry order.
 //   kDW:      out [nout] (values-shaped) += the dW contributions of image n,
-//             with dy plane (n, p) as the multiplier.
+//             with dy plane (n, p) as the multiplier; kDWMasked the same with
+//             masked window loads (for a source holding Inf/NaN, see dw_band).
 //   kScatter: each image's planes (dy plane (n, p) times the values) scatter
 //             into a zeroed buffer of sp's layout, which uncopy_image then
 //             writes into sp.src (dx).
@@ -91,16 +92,16 @@ void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64
                const scalar_t* dy, int64_t nout) {
   const int64_t planes = e.planes(), Ws = sp.Ws, img = sp.img(), slack = buffer_slack(pl.tile_w, sp);
   const bool scatter = kind == BandKind::kScatter;
-  BandFn<scalar_t> fn = nullptr, fn_masked = nullptr;
-  if (kind == BandKind::kGather) {
-    fn = fn_masked = select_band<scalar_t, BandKind::kGather>(pl.nseg, pl.rb, Ws);
-  } else if (kind == BandKind::kDW) {
+  const bool dw = kind == BandKind::kDW || kind == BandKind::kDWMasked;
+  BandFn<scalar_t> fn = nullptr;
+  if (kind == BandKind::kGather)
+    fn = select_band<scalar_t, BandKind::kGather>(pl.nseg, pl.rb, Ws);
+  else if (kind == BandKind::kDW)
     fn = select_band<scalar_t, BandKind::kDW>(pl.nseg, pl.rb, Ws);
-    fn_masked = select_band<scalar_t, BandKind::kDWMasked>(pl.nseg, pl.rb);
-  } else {
-    TORCH_INTERNAL_ASSERT(scatter, "run_bands: unknown band kind");
-    fn = fn_masked = select_band<scalar_t, BandKind::kScatter>(pl.nseg, pl.rb);
-  }
+  else if (kind == BandKind::kDWMasked)
+    fn = select_band<scalar_t, BandKind::kDWMasked>(pl.nseg, pl.rb);
+  else
+    fn = select_band<scalar_t, BandKind::kScatter>(pl.nseg, pl.rb);
   checked_add(checked_mul(N, img, "padded buffer size"), slack, "padded buffer size");
   std::vector<scalar_t> w;
   if (kind == BandKind::kGather) {
@@ -115,11 +116,10 @@ void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64
   const int nth = static_cast<int>(
       std::min<int64_t>(nth_all, std::max<int64_t>(by_image ? N : planes, 1)));
   at::Tensor shared;
-  std::vector<uint8_t> finite_img;
   if (!by_image) {
     shared = at::empty({N * img + slack}, sp.src.options());
     shared.narrow(0, N * img, slack).zero_();
-    finite_img = copy_all<scalar_t>(sp, shared.data_ptr<scalar_t>());
+    copy_all<scalar_t>(sp, shared.data_ptr<scalar_t>());
   }
   const std::vector<int64_t> bounds = balance(e.rowptr, nth);
   std::vector<at::Tensor> partial(nth);
@@ -127,7 +127,7 @@ void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64
   // takes fewer (each image's output is computed the same way whichever thread
   // takes it). dW keeps a fixed split: its per-thread partial sums must not
   // depend on timing.
-  const bool dynamic = by_image && kind != BandKind::kDW;
+  const bool dynamic = by_image && !dw;
   std::atomic<int64_t> next_image{0};
 #pragma omp parallel num_threads(nth)
   {
@@ -144,7 +144,7 @@ void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64
     if (by_image) {
       own = at::empty({img + slack}, sp.src.options());
       own.narrow(0, img, slack).zero_();
-      if (kind == BandKind::kDW) {
+      if (dw) {
         partial[t] = at::zeros({nout}, sp.src.options());
         dw_out = partial[t].data_ptr<scalar_t>();
       }
@@ -156,14 +156,10 @@ void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64
     const auto after = [&](int64_t n) { return dynamic ? next_image.fetch_add(1) : n + 1; };
     for (int64_t n = first(); n < (dynamic ? N : n1); n = after(n)) {
       const scalar_t* src = by_image ? own_p : shared.data_ptr<scalar_t>() + n * img;
-      bool finite = true;
       if (scatter)
         std::fill(own_p, own_p + img + slack, scalar_t(0));
       else if (by_image)
-        finite = copy_image<scalar_t>(sp, n, own_p);
-      else
-        finite = finite_img[n] != 0;
-      const BandFn<scalar_t> f = finite ? fn : fn_masked;
+        copy_image<scalar_t>(sp, n, own_p);
       for (int64_t p = p0; p < p1; ++p) {
         b.j0 = e.rowptr[p];
         b.j1 = e.rowptr[p + 1];
@@ -188,14 +184,14 @@ void run_bands(BandKind kind, const Plan& pl, const Entries& e, int64_t N, int64
               b.out = dw_out;
               b.dy = dy + plane + oh0 * OW + ow0;
             }
-            f(b);
+            fn(b);
           }
         }
       }
       if (scatter) uncopy_image<scalar_t>(sp, n, own_p);
     }
   }
-  if (by_image && kind == BandKind::kDW) {
+  if (by_image && dw) {
     at::parallel_for(0, nout, 4096, [&](int64_t i0, int64_t i1) {
       for (int t = 0; t < nth; ++t) {
         const scalar_t* pt = partial[t].data_ptr<scalar_t>();

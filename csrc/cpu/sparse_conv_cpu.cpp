@@ -128,6 +128,15 @@ at::Tensor conv2d_dw_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
     const Entries e = forward_entries(s, row_offsets, col_indices, sp.Hs, sp.Ws);
     run_bands<scalar_t>(BandKind::kDW, pl, e, s.N, s.OH, s.OW, nullptr, sp, nullptr,
                         out.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), out.numel());
+    // The kernel's window loads run past the valid rows and columns, where dy is
+    // zero: a non-finite x element there makes a spurious NaN. A result with no
+    // non-finite value had none (O(nnz) check); otherwise recompute with masked
+    // loads, which read only the valid positions.
+    if (!nonfinite_values<scalar_t>(out).empty()) {
+      out.zero_();
+      run_bands<scalar_t>(BandKind::kDWMasked, pl, e, s.N, s.OH, s.OW, nullptr, sp, nullptr,
+                          out.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), out.numel());
+    }
   });
   return out;
 }
