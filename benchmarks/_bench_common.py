@@ -39,9 +39,41 @@ def median_ms(fn, reps: int, warmup: int = 2, budget_s: float = 6.0) -> float:
     return statistics.median(times) * 1e3
 
 
+def cpu_detail() -> dict:
+    """Vendor, family/model and the vector ISA: "AMD EPYC" alone does not tell Zen 3
+    (AVX2) from Zen 4 (AVX-512), and the kernels' speed depends on it."""
+    info = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, val = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "flags") and key not in info:
+                info[key] = val.strip()
+            if len(info) == 4:
+                break
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
+    if "amx_tile" in flags:
+        isa += "+amx"
+    return {"vendor": info.get("vendor_id", platform.machine()),
+            "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}", "isa": isa}
+
+
+def cpu_slug() -> str:
+    """A directory name per kind of CPU, e.g. 'amd-epyc-25-1-avx2'."""
+    d = cpu_detail()
+    name = "".join(c if c.isalnum() else "-" for c in cpu_model().lower()).strip("-")
+    while "--" in name:
+        name = name.replace("--", "-")
+    return f"{name}-{d['family_model'].replace('/', '-')}-{d['isa'].replace('+', '-')}"
+
+
 def machine_meta(threads: int, reps: int) -> dict:
     """Machine, versions and settings a result file records."""
-    return {"cpu": cpu_model(), "threads": threads, "torch": torch.__version__,
+    return {"cpu": cpu_model(), **{f"cpu_{k}": v for k, v in cpu_detail().items()},
+            "threads": threads, "torch": torch.__version__,
             "sparsekern": sk.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "reps": reps, "dtype": "float32", "cores": os.cpu_count()}

@@ -29,6 +29,19 @@ constraints="$WORK/constraints.txt"
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
 failed=()
 
+# Every path compiles the same sources with the same flags: with ccache only the first
+# build compiles (cache in build/ccache, keyed without the build directory's path).
+if [ "$mode" = "--quick" ] && ! command -v ccache >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get install -y -q ccache || (apt-get update -q && apt-get install -y -q ccache)) >/dev/null 2>&1 || true
+fi
+if command -v ccache >/dev/null 2>&1 && [ -x /usr/lib/ccache/c++ ]; then
+  export CXX=/usr/lib/ccache/c++ CC=/usr/lib/ccache/cc
+  export CCACHE_DIR="$ROOT/build/ccache" CCACHE_BASEDIR=/ CCACHE_NOHASHDIR=1
+  echo "builds through ccache ($CCACHE_DIR)"
+else
+  echo "no ccache: every path compiles from scratch"
+fi
+
 venv() {  # venv NAME -> path of a fresh venv that sees the installed torch
   "$PY" -m venv --system-site-packages "$WORK/$1" && echo "$WORK/$1"
 }
