@@ -24,7 +24,6 @@ is written (see :class:`AtomicLoadMixin`); an accepted load stores contiguous co
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -466,14 +465,3 @@ class BSRTopology(SparseTopology):
         return torch.sparse_bsr_tensor(self.row_offsets.clone(), self.col_indices.clone(),
                                        self.values.detach().clone(), self.shape,
                                        check_invariants=False)  # validated already
-
-
-def random_block_mask(n_rows: int, n_cols: int, density: float, generator=None, device=None):
-    """Bool [n_rows, n_cols] with exactly round(density * n_rows * n_cols) True, uniformly placed."""
-    if not 0.0 <= density <= 1.0 or math.isnan(density):
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    total = n_rows * n_cols
-    k = int(round(density * total))
-    flat = torch.zeros(total, dtype=torch.bool)
-    flat[torch.randperm(total, generator=generator)[:k]] = True
-    return flat.reshape(n_rows, n_cols).to(device)
