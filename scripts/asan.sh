@@ -3,7 +3,8 @@
 #
 #   bash scripts/asan.sh           # every kernel, module and bad-input test file
 #   bash scripts/asan.sh --quick   # the CI subset (a few minutes): races, block sizes,
-#                                  # extreme geometry, non-finite values, the fuzz, bad input
+#                                  # extreme geometry, non-finite values, the fuzz of every
+#                                  # op, bad input, construction edge cases
 #
 # Builds a scratch copy of the tree (tracked and untracked, not ignored files) in
 # build/asan with SPARSEKERN_SANITIZE=address,undefined (-O1 -g, every report fatal),
@@ -43,10 +44,8 @@ assert sparsekern.extension_available(); print('asan: sanitized sparsekern from'
 
 if [ "$mode" = "--quick" ]; then
   files=(tests/test_kernel_safety.py tests/test_bad_input.py tests/test_construction_edges.py)
-  extra=(tests/test_conv.py -k "image_split or bsr_conv or fresh_inputs"
-         tests/test_ops.py::test_ops_match_reference_ops tests/test_ops.py::test_ops_take_leading_dims)
+  # (the fuzz in test_kernel_safety.py covers every conv and linear op)
   "$PY" -m pytest -q -p no:cacheprovider "${files[@]}" || report
-  "$PY" -m pytest -q -p no:cacheprovider "${extra[@]}" || report
 else
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernel_safety.py tests/test_bad_input.py \
     tests/test_ops.py tests/test_conv.py tests/test_conv_module.py tests/test_linear.py \

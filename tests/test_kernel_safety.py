@@ -64,7 +64,7 @@ def test_strided_conv_dx_has_no_race(cfg, nthreads, ext_required):
     xr = x.double().requires_grad_()
     F.conv2d(xr, dense.weight.detach() * mask, None, s, p).backward(dy.double())
     with num_threads(nthreads):
-        for _ in range(150):
+        for _ in range(100):
             xx = x.clone().requires_grad_()
             sc(xx).backward(dy)
             torch.testing.assert_close(xx.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
