@@ -61,7 +61,7 @@ def torch_sparse_fns(conv, x, dy):
     """im2col + torch.sparse CSR matmul: y[n] = W_csr @ unfold(x)[n]."""
     k, pad = conv.kernel_size[0], conv.padding[0]
     n, cout = x.shape[0], conv.out_channels
-    w_csr = conv.weight.to_dense().to_sparse_csr()
+    w_csr = conv.topology.to_dense().to_sparse_csr()
     vals = w_csr.values().clone().requires_grad_()
     xr = x.clone().requires_grad_()
 
@@ -79,7 +79,7 @@ def torch_sparse_fns(conv, x, dy):
 
 
 def sparsekern_fns(conv, x, dy):
-    w = conv.weight
+    w = conv.topology
     v, topo, geo = w.values.detach(), w.topology(), conv.geometry
     xr = x.clone().requires_grad_()
 
@@ -98,7 +98,7 @@ def sparsekern_fns(conv, x, dy):
 def param_bytes(conv, dense_numel: int) -> dict:
     """Training-step bytes per weight (SGD+momentum): sparse values, indices, transpose,
     gradient and momentum; dense weight, gradient and momentum."""
-    w = conv.weight
+    w = conv.topology
     sparse = sum(t.numel() * t.element_size() for t in (w.values, *w.topology()))
     sparse += 2 * w.values.numel() * w.values.element_size()
     dense = 3 * dense_numel * 4

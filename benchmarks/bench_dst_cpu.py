@@ -133,7 +133,7 @@ def main():
     report = sk.sparsify(sparse, density, a.distribution, init="dense", generator=torch.Generator().manual_seed(1))
     print(report)
     sparse_layers = list(report.layers)
-    masks = {n: m.weight.mask() for n, m in sparse.named_modules() if isinstance(m, sk.SparseLinear)}
+    masks = {n: m.topology.mask() for n, m in sparse.named_modules() if isinstance(m, sk.SparseLinear)}
     opt_s = torch.optim.SGD(sparse.parameters(), lr=0.01, momentum=0.9)
     engine = sk.dst.RigL(sparse, opt_s, total_steps=total, update_every=a.update_every, drop_fraction=0.3,
                          stop_at=1.0)

@@ -206,7 +206,7 @@ def measure_case(mode, out_f, in_f, M, layout, b, density, dtype, l2):
     from sparsekern.testing import make_linear
     dev, bench = mode.device, mode.bench
     ops = torch.ops.sparsekern
-    w = make_linear(in_f, out_f, layout, b, density=density, bias=False, device=dev, dtype=dtype).weight
+    w = make_linear(in_f, out_f, layout, b, density=density, bias=False, device=dev, dtype=dtype).topology
     v, t = w.values.detach(), w.topology()
     W = w.to_dense()
     xs = rotated(lambda: torch.randn(M, in_f, device=dev, dtype=dtype), M * in_f * dtype.itemsize, l2)
@@ -320,7 +320,7 @@ def measure_rebuild(mode, dtype):
     for layout, b, d in REBUILD_CASES:
         out_f, in_f = mode.sizes.weight_shape(layout, *mode.sizes.rebuild[:2])
         M = mode.sizes.rebuild[2]
-        w = make_linear(in_f, out_f, layout, b, density=d, bias=False, device=dev, dtype=dtype).weight
+        w = make_linear(in_f, out_f, layout, b, density=d, bias=False, device=dev, dtype=dtype).topology
         x = torch.randn(M, in_f, device=dev, dtype=dtype)
         fwd = bench(lambda x_: torch.ops.sparsekern.spmm(x_, w.values.detach(), *w.topology(), None), [x])
         R, C = out_f // b, in_f // b
@@ -353,7 +353,7 @@ def tune(mode, dtype, l2):
     for layout, b, d in TUNE_CASES:
         out_f, in_f = mode.sizes.weight_shape(layout, *mode.sizes.tune[:2])
         M = mode.sizes.tune[2]
-        w = make_linear(in_f, out_f, layout, b, density=d, bias=False, device=dev, dtype=dtype).weight
+        w = make_linear(in_f, out_f, layout, b, density=d, bias=False, device=dev, dtype=dtype).topology
         v, t = w.values.detach(), w.topology()
         xs = rotated(lambda: torch.randn(M, in_f, device=dev, dtype=dtype), M * in_f * dtype.itemsize, l2)
         dys = rotated(lambda: torch.randn(M, out_f, device=dev, dtype=dtype), M * out_f * dtype.itemsize, l2)

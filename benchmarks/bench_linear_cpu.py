@@ -45,7 +45,7 @@ def dense_fns(x, dy, in_f, out_f):
 
 
 def torch_sparse_fns(lin, x, dy):
-    w_csr = lin.weight.to_dense().to_sparse_csr()    # same nonzeros, CSR for either layout
+    w_csr = lin.topology.to_dense().to_sparse_csr()    # same nonzeros, CSR for either layout
     w_t = w_csr.t().to_sparse_csr()          # torch.sparse has no gather-permutation transpose
     pattern = w_csr.detach().clone()
     vals = w_csr.values().clone().requires_grad_()
@@ -63,7 +63,7 @@ def torch_sparse_fns(lin, x, dy):
 
 
 def sparsekern_fns(lin, x, dy):
-    w = lin.weight
+    w = lin.topology
     v, topo = w.values.detach(), w.topology()
     xr = x.clone().requires_grad_()
 
@@ -83,7 +83,7 @@ def sparsekern_fns(lin, x, dy):
 def param_bytes(lin: sk.SparseLinear, dense_numel: int) -> dict:
     """Bytes a training step keeps per weight (SGD+momentum): values, indices, transpose,
     gradient and momentum for sparse; weight, gradient and momentum for dense."""
-    w = lin.weight
+    w = lin.topology
     sparse = sum(t.numel() * t.element_size() for t in (w.values, *w.topology()))
     sparse += 2 * w.values.numel() * w.values.element_size()        # grad + momentum
     dense = 3 * dense_numel * 4

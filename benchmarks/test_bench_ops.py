@@ -20,26 +20,26 @@ def case():
     torch.manual_seed(0)
     lin = sk.SparseLinear(IN, OUT, density=DENSITY)
     x, dy = torch.randn(BATCH, IN), torch.randn(BATCH, OUT)
-    return lin, x, dy, lin.weight.to_dense()
+    return lin, x, dy, lin.topology.to_dense()
 
 
 def test_spmm(benchmark, case):
     lin, x, dy, W = case
-    v, t = lin.weight.values.detach(), lin.weight.topology()
+    v, t = lin.topology.values.detach(), lin.topology.topology()
     y = benchmark(L.spmm, x, v, *t, None)
     torch.testing.assert_close(y, x @ W.T, rtol=1e-4, atol=1e-4)
 
 
 def test_spmm_t(benchmark, case):
     lin, x, dy, W = case
-    v, t = lin.weight.values.detach(), lin.weight.topology()
+    v, t = lin.topology.values.detach(), lin.topology.topology()
     dx = benchmark(L.spmm_t, dy, v, *t)
     torch.testing.assert_close(dx, dy @ W, rtol=1e-4, atol=1e-4)
 
 
 def test_sddmm(benchmark, case):
     lin, x, dy, W = case
-    v, t = lin.weight.values.detach(), lin.weight.topology()
+    v, t = lin.topology.values.detach(), lin.topology.topology()
     dw = benchmark(L.sddmm, dy, x, *t, 1)
     ref = (dy.T @ x)[lin.mask()]
     torch.testing.assert_close(dw, ref, rtol=1e-3, atol=1e-3)

@@ -3,7 +3,11 @@
 Public API:
     SparseLinear                 drop-in nn.Linear with a CSR/BSR weight
     SparseConv2d                 drop-in nn.Conv2d with a CSR/BSR weight
-    sparsify, densify            swap every nn.Linear/nn.Conv2d of a model for its sparse twin and back
+    SparseConv1D                 drop-in HF transformers Conv1D (GPT-2's projections)
+    SparseMultiheadAttention     nn.MultiheadAttention's contract with sparse q/k/v/out projections
+    SparseWeight                 what ``layer.weight`` returns: a tensor view of the topology
+    sparsify, densify            swap every supported matmul layer of a model for its sparse twin and back
+    from_pretrained              rebuild a sparsified Hugging Face model saved with save_pretrained
     dst.RigL, dst.SET, dst.Static dynamic sparse training that rewires the indices in place
     methods                      the papers' methods: SupTickets, EDST/TicketEnsemble, trainable thresholds,
                                  the gradient-flow study
@@ -15,16 +19,18 @@ Public API:
 from sparsekern import _ext
 from sparsekern._version import __version__
 from sparsekern.formats import BSRTopology, CSRTopology, SparseTopology, check_structure
-from sparsekern.nn import SparseConv2d, SparseLinear
+from sparsekern.nn import SparseConv1D, SparseConv2d, SparseLinear, SparseMultiheadAttention, SparseWeight
 from sparsekern.ops import BACKENDS, conv_geometry, select_backend, sparse_conv2d, sparse_linear
 from sparsekern.sparsify import SparsityReport, densify, sparsify
+from sparsekern.hf import from_pretrained
 from sparsekern import dst  # noqa: E402  (needs nn)
 from sparsekern import methods  # noqa: E402  (needs dst)
 
 extension_available = _ext.available
 
 __all__ = [
-    "SparseLinear", "SparseConv2d", "CSRTopology", "BSRTopology", "SparseTopology", "check_structure",
+    "SparseLinear", "SparseConv2d", "SparseConv1D", "SparseMultiheadAttention", "SparseWeight",
+    "from_pretrained", "CSRTopology", "BSRTopology", "SparseTopology", "check_structure",
     "sparse_linear", "sparse_conv2d", "conv_geometry", "select_backend", "BACKENDS", "extension_available",
     "sparsify", "densify", "SparsityReport", "dst", "methods",
 ]

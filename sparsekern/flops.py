@@ -1,6 +1,7 @@
 """FLOPs counted from the real nonzeros (multiply-adds count 2).
 
-For every ``nn.Linear``/``nn.Conv2d`` and its sparse twin, one forward hook on an example
+For every ``nn.Linear``/``nn.Conv2d``/HF ``Conv1D`` and its sparse twin (the projections of
+``SparseMultiheadAttention`` included; a dense ``nn.MultiheadAttention`` is not counted), one forward hook on an example
 input records how many output positions each weight is applied at; then
 
 * inference: ``2 * nnz * positions`` per layer (``nnz`` = ``numel`` for a dense layer),
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from sparsekern.nn import SparseConv2d, SparseLinear
+from sparsekern.nn.conv1d import is_hf_conv1d
 
 _LAYERS = (nn.Linear, nn.Conv2d, SparseLinear, SparseConv2d)
 
@@ -53,7 +55,7 @@ class FlopReport:
 
 def _numel_nnz(m) -> tuple[int, int]:
     if isinstance(m, (SparseLinear, SparseConv2d)):
-        rows, cols = m.weight.shape
+        rows, cols = m.topology.shape
         return rows * cols, m.nnz
     return m.weight.numel(), m.weight.numel()
 
@@ -77,7 +79,7 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> FlopReport:
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, _LAYERS):
+        if isinstance(m, _LAYERS) or is_hf_conv1d(m):
             hooks.append(m.register_forward_hook(hook(name)))
     was_training = model.training
     model.eval()

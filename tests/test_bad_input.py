@@ -119,7 +119,7 @@ def test_import_without_extension_warns_and_explains():
         else:
             raise AssertionError("auto backend ran without the extension")
         try:
-            torch.ops.sparsekern.spmm(x, lin.weight.values, *lin.weight.topology(), None)
+            torch.ops.sparsekern.spmm(x, lin.topology.values, *lin.topology.topology(), None)
         except sk._ext.ExtensionNotBuiltError as e:
             assert "scripts/setup.sh" in str(e), e
         else:

@@ -67,7 +67,7 @@ def check(sc, x, dtype, backend="auto"):
     tol = TOL[dtype]
     torch.testing.assert_close(y.double(), y_r, **tol)
     torch.testing.assert_close(x.grad.double(), dx_r, **tol)
-    dw = sc.weight.to_dense(values=sc.weight.values.grad).double().reshape(sc.weight_shape)
+    dw = sc.topology.to_dense(values=sc.topology.values.grad).double().reshape(sc.weight_shape)
     torch.testing.assert_close(dw, dw_r, **tol)
     if db_r is not None:
         torch.testing.assert_close(sc.bias.grad.double(), db_r, **tol)

@@ -16,11 +16,11 @@ from conftest import make_topology
 def test_init_geometry_density_and_repr():
     g = torch.Generator().manual_seed(0)
     c = SparseConv2d(16, 32, 3, stride=2, padding=1, density=0.25, generator=g)
-    assert c.weight.shape == (32, 16 * 9) and c.nnz == round(0.25 * 32 * 144)
+    assert c.topology.shape == (32, 16 * 9) and c.weight.shape == (32, 16, 3, 3) and c.nnz == round(0.25 * 32 * 144)
     assert c.mask().shape == (32, 16, 3, 3) and c.mask().sum().item() == c.nnz
     fan_in = c.fan_in()
     bound = 1 / fan_in.clamp(min=1).double().sqrt()
-    W = c.weight.to_dense().double()
+    W = c.topology.to_dense().double()
     assert bool((W.abs() <= bound[:, None] + 1e-7).all())
     assert "density=0.2500" in repr(c) and "stride=(2, 2)" in repr(c)
     cb = SparseConv2d(16, 32, 3, density=0.5, layout="bsr", block_size=16)
@@ -82,12 +82,12 @@ def test_corrupted_checkpoint_raises_and_leaves_layer_intact():
     a, b = SparseConv2d(4, 8, 3, density=0.3), SparseConv2d(4, 8, 3, density=0.3)
     before = b.weight.to_dense().clone()
     sd = a.state_dict()
-    bad = dict(sd, **{"weight.col_indices": sd["weight.col_indices"].clone()})
-    bad["weight.col_indices"][0] = 36
+    bad = dict(sd, **{"topology.col_indices": sd["topology.col_indices"].clone()})
+    bad["topology.col_indices"][0] = 36
     with pytest.raises(ValueError, match="col_indices"):
         b.load_state_dict(bad)
     with pytest.raises(ValueError, match="meta"):
-        b.load_state_dict(dict(sd, **{"weight.meta": torch.tensor([8, 40, 1])}))
+        b.load_state_dict(dict(sd, **{"topology.meta": torch.tensor([8, 40, 1])}))
     assert torch.equal(b.weight.to_dense(), before)
 
 
@@ -188,4 +188,4 @@ def test_torch_compile_fullgraph_matches():
     out = compiled(x)
     torch.testing.assert_close(out, expected)
     out.sum().backward()
-    assert model[0].weight.values.grad is not None and x.grad is not None
+    assert model[0].topology.values.grad is not None and x.grad is not None

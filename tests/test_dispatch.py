@@ -93,15 +93,15 @@ def test_cuda_path_on_cpu_runs_the_cuda_impls_and_restores_the_cpu_kernels(monke
     x = torch.randn(3, 16, requires_grad=True)
     with cuda_path_on_cpu():
         with cuda_path_on_cpu():                               # contexts nest
-            assert select_backend(x, layer.weight.values).name == "triton"
+            assert select_backend(x, layer.topology.values).name == "triton"
         layer(x).sum().backward()
     assert calls == ["spmm", "spmm_t", "sddmm"]                # forward, then dX and dW through the router
     y_cpu = layer(x)                                           # the C++ CPU kernels again
-    assert calls == ["spmm", "spmm_t", "sddmm"] and select_backend(x, layer.weight.values).name == "cpu"
-    torch.testing.assert_close(y_cpu, sk.ops.reference.spmm(x, layer.weight.values, *layer.weight.topology(),
+    assert calls == ["spmm", "spmm_t", "sddmm"] and select_backend(x, layer.topology.values).name == "cpu"
+    torch.testing.assert_close(y_cpu, sk.ops.reference.spmm(x, layer.topology.values, *layer.topology.topology(),
                                                             layer.bias))
     with pytest.raises(NotImplementedError, match=r"sparsekern::spmm \(triton\): device cpu not in \['cuda'\]"):
-        launch.spmm(x.detach(), layer.weight.values.detach(), *layer.weight.topology())
+        launch.spmm(x.detach(), layer.topology.values.detach(), *layer.topology.topology())
 
 
 def test_the_schedule_row_ids_are_the_formats_ones_cached():

@@ -19,7 +19,7 @@ def storage(topo):
 def test_update_topology_in_place_invariants(layout, b, seed):
     g = torch.Generator().manual_seed(seed)
     lin = SparseLinear(24, 16, density=0.4, layout=layout, block_size=b, generator=g)
-    topo = lin.weight
+    topo = lin.topology
     bb = topo.block_size
     R, C = 16 // bb, 24 // bb
     before = {int(p): topo.values.detach()[i].clone() for i, p in enumerate(active_positions(topo))}
@@ -48,7 +48,7 @@ def test_update_topology_in_place_invariants(layout, b, seed):
 
 def test_update_topology_rejects_bad_requests():
     lin = SparseLinear(8, 8, density=0.5)
-    topo = lin.weight
+    topo = lin.topology
     nnzb = topo.values.shape[0]
     drop = torch.zeros(nnzb, dtype=torch.bool)
     drop[0] = True
@@ -87,7 +87,7 @@ def test_optimizer_state_follows_the_values(make_opt):
     opt = make_opt(model.parameters())
     engine = sk.dst.SET(model, opt, total_steps=100, update_every=4, drop_fraction=0.3, seed=1)
     train_steps(model, opt, engine, 3)                     # steps 1-3: state builds up, no update
-    topo = model[0].weight
+    topo = model[0].topology
     state = opt.state[topo.values]
     slots = [k for k, v in state.items() if torch.is_tensor(v) and v.shape == topo.values.shape]
     assert slots                                          # momentum_buffer / exp_avg(_sq) / max_exp_avg_sq
@@ -124,7 +124,7 @@ def test_optimizer_state_exact_slots_with_regrowth():
     model = nn.Sequential(lin)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     train_steps(model, opt, None, 2, shape=(8, 10), classes=6)
-    topo = lin.weight
+    topo = lin.topology
     state = opt.state[topo.values]
     ex, ex2 = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
     old_pos = active_positions(topo)
@@ -154,7 +154,7 @@ def test_rigl_grows_where_the_dense_gradient_is_largest():
     dy = torch.randn(5, 8)
     model(x).backward(dy)
     dense_grad = (dy.t() @ x).abs()
-    topo = lin.weight
+    topo = lin.topology
     mags = topo.values.detach().abs()
     k = int(round(0.5 * topo.nnz))
     old = active_positions(topo)
@@ -185,7 +185,7 @@ def test_rigl_conv_dense_gradient_matches_autograd():
     torch.testing.assert_close(got, wd.grad.reshape(conv.weight_shape_2d))
     opt.step()
     assert engine.step()
-    conv.weight.validate()
+    conv.topology.validate()
 
 
 def test_schedule_counts_and_stop_at():
@@ -197,7 +197,7 @@ def test_schedule_counts_and_stop_at():
     train_steps(model, opt, engine, 40)
     steps = [h["step"] for h in engine.history]
     assert steps == [10, 20]                           # none after stop_at * total = 20
-    nnz = model[0].weight.values.shape[0]
+    nnz = model[0].topology.values.shape[0]
     f10 = engine.fraction_at(10)
     assert f10 == pytest.approx(0.4 / 2 * (1 + torch.cos(torch.tensor(torch.pi * 10 / 20)).item()))
     assert engine.history[0]["layers"]["0"]["pruned"] == round(f10 * nnz)
@@ -215,7 +215,7 @@ def test_set_is_deterministic_for_a_seed_and_static_never_moves():
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         engine = method(model, opt, total_steps=30, update_every=5, seed=seed)
         train_steps(model, opt, engine, 30)
-        return [m.weight.mask() for m in model.modules() if isinstance(m, SparseLinear)]
+        return [m.topology.mask() for m in model.modules() if isinstance(m, SparseLinear)]
     a, b, c = run(sk.dst.SET, 7), run(sk.dst.SET, 7), run(sk.dst.SET, 8)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
@@ -290,7 +290,7 @@ def test_sparse_engine_and_masked_dense_reference_choose_identical_topologies(me
     sparse_model = copy.deepcopy(dense)
     sk.sparsify(sparse_model, 0.3, "erk", init="dense", generator=torch.Generator().manual_seed(1))
     layers = {n: m for n, m in sparse_model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))}
-    masks = {n: m.weight.mask() for n, m in layers.items()}
+    masks = {n: m.topology.mask() for n, m in layers.items()}
     kw = dict(total_steps=40, update_every=4, drop_fraction=0.3, stop_at=0.75, seed=5)
     opt_s = torch.optim.SGD(sparse_model.parameters(), lr=0.05, momentum=0.9)
     opt_r = torch.optim.SGD(ref_model.parameters(), lr=0.05, momentum=0.9)
@@ -310,9 +310,9 @@ def test_sparse_engine_and_masked_dense_reference_choose_identical_topologies(me
         if up_s:
             updates += 1
             for n, m in layers.items():
-                assert torch.equal(m.weight.mask(), ref.masks[n]), f"{n}: topologies differ at update {updates}"
+                assert torch.equal(m.topology.mask(), ref.masks[n]), f"{n}: topologies differ at update {updates}"
     assert updates >= 5
-    assert any(not torch.equal(m.weight.mask(), masks[n]) for n, m in layers.items())   # it did rewire
+    assert any(not torch.equal(m.topology.mask(), masks[n]) for n, m in layers.items())   # it did rewire
     mods = dict(ref_model.named_modules())
     for n, m in layers.items():
         torch.testing.assert_close(m.weight.to_dense(), mods[n].weight.detach().reshape(m.weight.shape))
@@ -349,7 +349,7 @@ def test_engine_on_bsr_linear_and_conv_layers(method):
     engine = method(model, opt, total_steps=40, update_every=3, drop_fraction=0.4, stop_at=1.0)
     nnz = [m.nnz for _, m in engine.layers]
     g = torch.Generator().manual_seed(1)
-    before = [m.weight.mask().clone() for _, m in engine.layers]
+    before = [m.topology.mask().clone() for _, m in engine.layers]
     for _ in range(12):
         x = torch.randn(4, 8, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 16, (4,), generator=g)
@@ -359,8 +359,8 @@ def test_engine_on_bsr_linear_and_conv_layers(method):
         engine.step()
     assert len(engine.history) == 4
     for (_, m), n0, m0 in zip(engine.layers, nnz, before):
-        m.weight.validate()
-        assert m.nnz == n0 and m.weight.values.shape[1:] == (m.weight.block_size,) * 2
-        state = opt.state[m.weight.values]
-        assert state["exp_avg"].shape == m.weight.values.shape
-    assert any(not torch.equal(m.weight.mask(), m0) for (_, m), m0 in zip(engine.layers, before))
+        m.topology.validate()
+        assert m.nnz == n0 and m.topology.values.shape[1:] == (m.topology.block_size,) * 2
+        state = opt.state[m.topology.values]
+        assert state["exp_avg"].shape == m.topology.values.shape
+    assert any(not torch.equal(m.topology.mask(), m0) for (_, m), m0 in zip(engine.layers, before))

@@ -109,12 +109,12 @@ def test_training_through_a_nan_sample_keeps_every_budget_exact(method, layout, 
         opt.zero_grad()
         batch_loss(model(x), y, loss).backward()
         opt.step()
-        bad_before = {n: non_finite_blocks(m.weight) for n, m in engine.layers}
+        bad_before = {n: non_finite_blocks(m.topology) for n, m in engine.layers}
         if engine.step():
             updates += 1
             rec = engine.history[-1]["layers"]
             for n, m in engine.layers:
-                m.weight.validate()
+                m.topology.validate()
                 assert m.nnz == nnz[n], (n, engine.step_count)
                 skipped += "skipped" in rec[n]
                 if "skipped" not in rec[n]:
@@ -122,7 +122,7 @@ def test_training_through_a_nan_sample_keeps_every_budget_exact(method, layout, 
                     k = rec[n]["pruned"]
                     assert rec[n]["grown"] == k > 0
                     # NaN/Inf weights go first: exactly max(0, bad - k) are left (grown ones start at 0)
-                    assert non_finite_blocks(m.weight) == max(0, bad_before[n] - k), (n, engine.step_count)
+                    assert non_finite_blocks(m.topology) == max(0, bad_before[n] - k), (n, engine.step_count)
     assert updates == 6 and skipped > 0                 # all-NaN layers were met ...
     assert partial > 0 or loss == "mean"               # ... and layers with some NaN weights
     model(torch.randn(2, 4, 6, 6)).sum().backward()                 # the layers still run
@@ -148,20 +148,20 @@ def test_a_layer_whose_gradient_is_all_nan_is_skipped_and_recorded(layout, b):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine = sk.dst.RigL(model, opt, total_steps=10, update_every=1, drop_fraction=0.5,
                          schedule="constant", stop_at=1.0)
-    before = {n: m.weight.mask().clone() for n, m in engine.layers}
+    before = {n: m.topology.mask().clone() for n, m in engine.layers}
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 16, generator=g)
     x[1] = NAN                                                      # every input of one layer is NaN
     model(x).backward()
-    assert not bool(torch.isfinite(model.poisoned.weight.values.grad).any())
+    assert not bool(torch.isfinite(model.poisoned.topology.values.grad).any())
     # no optimizer step: even lr=0 would write w - 0 * NaN = NaN and skip the layer for its weights
     assert engine.step()
     rec = engine.history[-1]["layers"]
     assert "skipped" in rec["poisoned"] and "gradient" in rec["poisoned"]["skipped"]
     assert rec["poisoned"]["pruned"] == rec["poisoned"]["grown"] == 0
-    assert torch.equal(model.poisoned.weight.mask(), before["poisoned"])   # untouched
+    assert torch.equal(model.poisoned.topology.mask(), before["poisoned"])   # untouched
     assert "skipped" not in rec["clean"] and rec["clean"]["pruned"] > 0
-    assert not torch.equal(model.clean.weight.mask(), before["clean"])     # the other layer rewired
+    assert not torch.equal(model.clean.topology.mask(), before["clean"])     # the other layer rewired
     diag = engine.diagnostics()["layers"]
     assert diag["poisoned"]["skipped"] == rec["poisoned"]["skipped"]
     assert diag["poisoned"]["skipped_updates"] == 1 and diag["clean"]["skipped_updates"] == 0
@@ -175,15 +175,15 @@ def test_a_layer_whose_weights_are_all_nan_is_skipped(method):
     engine = method(model, opt, total_steps=10, update_every=1, drop_fraction=0.5, schedule="constant",
                     stop_at=1.0)
     with torch.no_grad():
-        model.poisoned.weight.values.fill_(NAN)
-    before = model.poisoned.weight.mask().clone()
+        model.poisoned.topology.values.fill_(NAN)
+    before = model.poisoned.topology.mask().clone()
     model(torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))).backward()
     opt.step()
     assert engine.step()
     assert "skipped" not in engine.history[-1]["layers"]["clean"]
     rec = engine.history[-1]["layers"]["poisoned"]
     assert "magnitude" in rec["skipped"] and rec["pruned"] == 0
-    assert torch.equal(model.poisoned.weight.mask(), before)
+    assert torch.equal(model.poisoned.topology.mask(), before)
     assert engine.diagnostics()["layers"]["poisoned"]["skipped"] == rec["skipped"]
 
 
@@ -196,7 +196,7 @@ def test_engine_and_reference_drop_nan_weights_alike(method):
     ref_model, sparse_model = copy.deepcopy(dense), copy.deepcopy(dense)
     sk.sparsify(sparse_model, 0.4, "uniform", init="dense", generator=torch.Generator().manual_seed(1))
     layers = {n: m for n, m in sparse_model.named_modules() if isinstance(m, SparseLinear)}
-    masks = {n: m.weight.mask() for n, m in layers.items()}
+    masks = {n: m.topology.mask() for n, m in layers.items()}
     kw = dict(total_steps=20, update_every=2, drop_fraction=0.3, schedule="constant", stop_at=1.0, seed=5)
     opt_s = torch.optim.SGD(sparse_model.parameters(), lr=0.05)
     opt_r = torch.optim.SGD(ref_model.parameters(), lr=0.05)
@@ -214,12 +214,12 @@ def test_engine_and_reference_drop_nan_weights_alike(method):
         if step % 2 == 0:                      # NaN/Inf weights right before the update, in both
             with torch.no_grad():
                 for n, m in layers.items():
-                    pos = active_positions(m.weight)
+                    pos = active_positions(m.topology)
                     pick = torch.tensor([1, 4, 6]) + step
-                    m.weight.values[pick] = torch.tensor([NAN, INF, -INF], dtype=torch.float64)
+                    m.topology.values[pick] = torch.tensor([NAN, INF, -INF], dtype=torch.float64)
                     mods[n].weight.view(-1)[pos[pick]] = torch.tensor([NAN, INF, -INF], dtype=torch.float64)
         assert engine.step() == ref.step()
         for n, m in layers.items():
             assert m.nnz == int(ref.masks[n].sum()) == int(masks[n].sum())
-            assert torch.equal(m.weight.mask(), ref.masks[n]), (n, step)
-            assert bool(torch.isfinite(m.weight.values).all())     # every NaN/Inf was dropped first
+            assert torch.equal(m.topology.mask(), ref.masks[n]), (n, step)
+            assert bool(torch.isfinite(m.topology.values).all())     # every NaN/Inf was dropped first

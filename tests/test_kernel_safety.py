@@ -121,7 +121,7 @@ def test_extreme_conv_stride_is_refused(stride, match, ext_required):
 
 def test_overflowing_geometry_through_the_ops_is_refused(ext_required):
     sc = SparseConv2d(3, 4, 3, padding=1, density=0.5)
-    v, t = sc.weight.values.detach(), sc.weight.topology()
+    v, t = sc.topology.values.detach(), sc.topology.topology()
     x = torch.randn(2, 3, 8, 8)
     geom = [3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1]
     for i, val, match in [(4, 2**62, "output size overflows"), (5, 2**63 - 1, "padded width overflows"),
@@ -206,7 +206,7 @@ def test_inf_input_gives_exact_dw(N, stride, dtype, threads, ext_required):
     y.backward(dy.to(dtype))
     y_r, dw_r = _unfold_reference(conv.weight.detach(), x, dy, stride, 1)
     torch.testing.assert_close(y.double().flatten(2), y_r, equal_nan=True, **TOL[dtype])
-    dw = sc.weight.to_dense(values=sc.weight.values.grad).double().reshape(sc.weight_shape)
+    dw = sc.topology.to_dense(values=sc.topology.values.grad).double().reshape(sc.weight_shape)
     torch.testing.assert_close(dw, dw_r, equal_nan=True, **TOL[dtype])
     assert torch.isfinite(dw).sum() > dw.numel() // 2
 
@@ -284,5 +284,5 @@ def test_fuzz_conv_ops_at_1_and_2_threads(case):
             tol = TOL[dtype]
             torch.testing.assert_close(y.double(), y_r, **tol)
             torch.testing.assert_close(x.grad.double(), dx_r, **tol)
-            dw = sc.weight.to_dense(values=sc.weight.values.grad).double().reshape(sc.weight_shape)
+            dw = sc.topology.to_dense(values=sc.topology.values.grad).double().reshape(sc.weight_shape)
             torch.testing.assert_close(dw, dw_r, **tol)

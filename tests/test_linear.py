@@ -74,22 +74,22 @@ def test_corrupted_checkpoint_raises_and_leaves_layer_intact():
     before = b.weight.to_dense().clone()
     sd = a.state_dict()
     bad = dict(sd)
-    bad["weight.col_indices"] = sd["weight.col_indices"].clone()
-    bad["weight.col_indices"][0] = 99
+    bad["topology.col_indices"] = sd["topology.col_indices"].clone()
+    bad["topology.col_indices"][0] = 99
     with pytest.raises(ValueError, match="malformed topology.*col_indices"):
         b.load_state_dict(bad)
-    bad = dict(sd, **{"weight.row_offsets": sd["weight.row_offsets"][:-1]})
+    bad = dict(sd, **{"topology.row_offsets": sd["topology.row_offsets"][:-1]})
     with pytest.raises(ValueError, match="row_offsets"):
         b.load_state_dict(bad)
-    bad = dict(sd, **{"weight.meta": torch.tensor([16, 64, 1])})
+    bad = dict(sd, **{"topology.meta": torch.tensor([16, 64, 1])})
     with pytest.raises(ValueError, match="meta"):
         b.load_state_dict(bad)
-    bad = dict(sd, **{"weight.t_perm": sd["weight.t_perm"].flip(0)})
+    bad = dict(sd, **{"topology.t_perm": sd["topology.t_perm"].flip(0)})
     with pytest.raises(ValueError, match="t_perm"):
         b.load_state_dict(bad)
     assert torch.equal(b.weight.to_dense(), before)
-    missing = {k: v for k, v in sd.items() if k != "weight.col_indices"}
-    with pytest.raises(RuntimeError, match="weight.col_indices"):
+    missing = {k: v for k, v in sd.items() if k != "topology.col_indices"}
+    with pytest.raises(RuntimeError, match="topology.col_indices"):
         b.load_state_dict(missing)
 
 
@@ -158,4 +158,4 @@ def test_torch_compile_runs_and_matches():
     out = compiled(x)
     torch.testing.assert_close(out, expected)
     out.sum().backward()
-    assert model[0].weight.values.grad is not None and x.grad is not None
+    assert model[0].topology.values.grad is not None and x.grad is not None

@@ -50,21 +50,21 @@ def corruptions(kind):
     """(name, state_dict -> corrupted copy, exception type, message fragment naming the field)."""
     cols = 16 if kind == "linear" else 36
     return [
-        ("bad offsets", lambda sd: {**sd, "weight.row_offsets": _set(sd["weight.row_offsets"], 1, 10_000)},
+        ("bad offsets", lambda sd: {**sd, "topology.row_offsets": _set(sd["topology.row_offsets"], 1, 10_000)},
          ValueError, "row_offsets"),
-        ("short offsets", lambda sd: {**sd, "weight.row_offsets": sd["weight.row_offsets"][:-1]},
+        ("short offsets", lambda sd: {**sd, "topology.row_offsets": sd["topology.row_offsets"][:-1]},
          ValueError, "row_offsets"),
-        ("column out of range", lambda sd: {**sd, "weight.col_indices": _set(sd["weight.col_indices"], 0, cols)},
+        ("column out of range", lambda sd: {**sd, "topology.col_indices": _set(sd["topology.col_indices"], 0, cols)},
          ValueError, "col_indices"),
-        ("values shape", lambda sd: {**sd, "weight.values": sd["weight.values"][:-1]}, ValueError, "values"),
-        ("index dtype", lambda sd: {**sd, "weight.col_indices": sd["weight.col_indices"].long()},
+        ("values shape", lambda sd: {**sd, "topology.values": sd["topology.values"][:-1]}, ValueError, "values"),
+        ("index dtype", lambda sd: {**sd, "topology.col_indices": sd["topology.col_indices"].long()},
          ValueError, "col_indices.*int32"),
-        ("values dtype", lambda sd: {**sd, "weight.values": sd["weight.values"].to(torch.int32)},
+        ("values dtype", lambda sd: {**sd, "topology.values": sd["topology.values"].to(torch.int32)},
          ValueError, "values.*floating"),
-        ("transpose", lambda sd: {**sd, "weight.t_perm": sd["weight.t_perm"].flip(0)}, ValueError, "t_perm"),
-        ("meta", lambda sd: {**sd, "weight.meta": torch.tensor([8, 8, 1])}, ValueError, "meta"),
-        ("missing index", lambda sd: {k: v for k, v in sd.items() if k != "weight.col_indices"},
-         RuntimeError, "Missing key.*weight.col_indices"),
+        ("transpose", lambda sd: {**sd, "topology.t_perm": sd["topology.t_perm"].flip(0)}, ValueError, "t_perm"),
+        ("meta", lambda sd: {**sd, "topology.meta": torch.tensor([8, 8, 1])}, ValueError, "meta"),
+        ("missing index", lambda sd: {k: v for k, v in sd.items() if k != "topology.col_indices"},
+         RuntimeError, "Missing key.*topology.col_indices"),
         ("missing bias", lambda sd: {k: v for k, v in sd.items() if k != "bias"}, RuntimeError, "Missing key.*bias"),
         ("unexpected key", lambda sd: {**sd, "extra": torch.zeros(1)}, RuntimeError, "Unexpected key.*extra"),
         ("bias shape", lambda sd: {**sd, "bias": sd["bias"][:-1]}, ValueError, "bias.*shape"),
@@ -108,9 +108,9 @@ def test_a_refused_load_inside_a_model_changes_nothing_in_that_layer():
     source = nn.Sequential(SparseLinear(16, 8, density=0.6), nn.ReLU(), SparseLinear(8, 4, density=0.6))
     target = nn.Sequential(SparseLinear(16, 8, density=0.3), nn.ReLU(), SparseLinear(8, 4, density=0.3))
     sd = source.state_dict()
-    bad = {**sd, "0.weight.col_indices": _set(sd["0.weight.col_indices"], 0, 99)}
+    bad = {**sd, "0.topology.col_indices": _set(sd["0.topology.col_indices"], 0, 99)}
     snap = snapshot(target[0])
-    with pytest.raises(ValueError, match="0.weight.*col_indices"):
+    with pytest.raises(ValueError, match="0.topology.*col_indices"):
         target.load_state_dict(bad)
     assert_unchanged(target[0], snap)                       # the bias is not loaded before the check
 
@@ -130,16 +130,16 @@ def non_contiguous(t):
 def test_non_contiguous_checkpoint_tensors_load_into_a_working_layer(kind, layout, b):
     source, target = make(kind, layout, b, 0.6, seed=1), make(kind, layout, b, 0.3, seed=2)
     sd = source.state_dict()
-    sd = {k: non_contiguous(v) if k in ("weight.values", "weight.col_indices", "bias") else v
+    sd = {k: non_contiguous(v) if k in ("topology.values", "topology.col_indices", "bias") else v
           for k, v in sd.items()}
     target.load_state_dict(sd)
-    assert all(t.is_contiguous() for t in (target.weight.values, *target.weight.topology()))
+    assert all(t.is_contiguous() for t in (target.topology.values, *target.topology.topology()))
     results = []
     for m in (source, target):
         x = example_input(kind).requires_grad_()
         y = m(x)
         y.backward(torch.ones_like(y))
-        results.append((y.detach(), x.grad, m.weight.values.grad, m.bias.grad))
+        results.append((y.detach(), x.grad, m.topology.values.grad, m.bias.grad))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want)
 

@@ -87,14 +87,14 @@ def test_superpose_caa_and_cima_weights_and_budget():
             p.normal_()
     for w_run, w_new in ((2 / 3, 1 / 3), (0.5, 0.5)):
         run = copy.deepcopy(a)
-        before = {n: m.weight.nnz for n, m in sparse_layers(run).items()}
+        before = {n: m.topology.nnz for n, m in sparse_layers(run).items()}
         superpose(run, b, w_run, w_new)
         for name, m in sparse_layers(run).items():
-            assert m.weight.nnz == before[name]
-            m.weight.validate()
-            ref_mask, ref = dense_merge_reference([sparse_layers(a)[name].weight, sparse_layers(b)[name].weight],
+            assert m.topology.nnz == before[name]
+            m.topology.validate()
+            ref_mask, ref = dense_merge_reference([sparse_layers(a)[name].topology, sparse_layers(b)[name].topology],
                                                   [w_run, w_new], before[name])
-            torch.testing.assert_close(m.weight.to_dense(), ref, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(m.topology.to_dense(), ref, rtol=1e-12, atol=1e-12)
             bias = sparse_layers(a)[name].bias * w_run + sparse_layers(b)[name].bias * w_new
             torch.testing.assert_close(m.bias, bias, rtol=1e-12, atol=1e-12)
 
@@ -137,7 +137,7 @@ def test_suptickets_cycles_tickets_and_budget(mode):
     # LR: cosine from lr_high to lr_low in each cycle; ordinary updates off, forced rewires at cycle starts
     assert sup.lr(56) == pytest.approx(0.005) and sup.lr(63) < sup.lr(57) and sup.lr(64) == pytest.approx(0.005)
     assert not engine.is_update_step(60) and engine.is_update_step(57) and engine.fraction_at(65) == 0.5
-    nnz = {n: m.weight.nnz for n, m in sparse_layers(model).items()}
+    nnz = {n: m.topology.nnz for n, m in sparse_layers(model).items()}
     run_training(model, engine, sup, x, y, spe, epochs, opt=opt)
     assert sup.tickets == 4                                           # ticket 0 + 3 cycles
     weights = [e["weights"] for e in sup.log if "weights" in e]
@@ -147,8 +147,8 @@ def test_suptickets_cycles_tickets_and_budget(mode):
     final = sup.result()
     assert final is not model                                         # training went on un-averaged
     for n, m in sparse_layers(final).items():
-        assert m.weight.nnz == nnz[n]
-        m.weight.validate()
+        assert m.topology.nnz == nnz[n]
+        m.topology.validate()
     # the BN statistics are the recomputed ones (update_bn), not an average
     check = copy.deepcopy(final)
     torch.optim.swa_utils.update_bn((x[i:i + 32] for i in range(0, 256, 32)), check)
@@ -177,14 +177,14 @@ def test_edst_yields_distinct_tickets_of_the_right_density():
     assert edst.starts == [16, 32, 48] and edst.ends == [32, 48, 64]
     assert edst.lr(10) == 0.1 and edst.lr(32) == pytest.approx(0.1) and edst.lr(47) < 0.01
     assert engine.fraction_at(17) == 0.8
-    nnz = {n: m.weight.nnz for n, m in sparse_layers(model).items()}
+    nnz = {n: m.topology.nnz for n, m in sparse_layers(model).items()}
     run_training(model, engine, edst, x, y, 8, 8, opt=opt)
     assert len(edst.tickets) == 3
     masks = []
     for t in edst.tickets:
         layers = sparse_layers(t)
-        assert {n: m.weight.nnz for n, m in layers.items()} == nnz
-        masks.append(torch.cat([m.weight.mask().flatten() for m in layers.values()]))
+        assert {n: m.topology.nnz for n, m in layers.items()} == nnz
+        masks.append(torch.cat([m.topology.mask().flatten() for m in layers.values()]))
     for i in range(3):
         for j in range(i + 1, 3):
             assert not torch.equal(masks[i], masks[j])

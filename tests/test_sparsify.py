@@ -58,7 +58,7 @@ def test_bsr_budget_within_one_block_and_fallback_to_csr():
     assert 0 <= report.budget - got < 16 * 16
     stem = next(r for r in report.layers if r.name == "conv1")
     assert stem.layout in ("csr", "dense")           # 3*3*3 = 27 columns do not tile into 16x16 blocks
-    assert isinstance(model.layers[0].conv1, SparseConv2d) and model.layers[0].conv1.weight.layout == "bsr"
+    assert isinstance(model.layers[0].conv1, SparseConv2d) and model.layers[0].conv1.topology.layout == "bsr"
 
 
 def test_pinned_and_dense_layers_and_bad_names():
@@ -78,9 +78,10 @@ def test_pinned_and_dense_layers_and_bad_names():
         sk.sparsify(mlp(), 1.5)
     with pytest.raises(ValueError, match="init"):
         sk.sparsify(mlp(), 0.1, init="kaiming")
-    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
-    with pytest.raises(ValueError, match="padding_mode"):
-        sk.sparsify(conv, 0.5)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 1))
+    report = sk.sparsify(conv, 0.5)          # reported and left dense, not refused
+    assert "padding_mode='reflect'" in report.layers[0].status and type(conv[0]) is nn.Conv2d
+    assert isinstance(conv[1], SparseConv2d)
 
 
 def test_sparsify_densify_round_trip():
@@ -171,3 +172,69 @@ def test_fanin_init_conv(density):
     assert abs(vi.mean().item() - 1.0) < 0.12, vi.mean()
     assert v.mean().item() < vi.mean().item()
     assert math.isfinite(v.mean().item())
+
+
+# ------------------------------------------------------- what transformers use, and the report
+class MyLinear(nn.Linear):
+    pass
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output head (as GPT-2's wte and lm_head), two tied Linears, a
+    subclass of nn.Linear, attention, norms, an unsupported Conv1d and raw parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.fc = MyLinear(16, 32)
+        self.out = nn.modules.linear.NonDynamicallyQuantizableLinear(32, 16)
+        self.conv = nn.Conv1d(16, 16, 3)
+        self.a, self.b = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+        self.b.weight = self.a.weight
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 16))
+        self.proj_weight = nn.Parameter(torch.randn(16, 16))      # raw 2-D "weight": a matmul weight
+        self.head = nn.Linear(16, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_isinstance_ties_and_a_report_that_lists_every_weight_bearing_module():
+    model = Tied()
+    report = sk.sparsify(model, 0.3, "erk", generator=torch.Generator().manual_seed(0))
+    by = {r.name: r for r in report.layers}
+    assert isinstance(model.fc, SparseLinear) and isinstance(model.out, SparseLinear)      # subclasses too
+    assert isinstance(model.attn, sk.SparseMultiheadAttention)
+    assert [by[f"attn.{p}"].status for p in ("q_proj", "k_proj", "v_proj", "out_proj")] == ["sparse"] * 4
+    # ties stay ties: both ends dense, the head's matmul weight counted once
+    assert model.head.weight is model.emb.weight and model.a.weight is model.b.weight
+    assert by["head"].status == "dense (tied to emb.weight)" and by["head"].matmul
+    assert by["a"].status == "dense (tied to b.weight)" and by["b"].status == "dense (tied to a.weight)"
+    assert by["a"].matmul != by["b"].matmul
+    assert by["emb"].status == "dense (embedding)" and not by["emb"].matmul
+    assert by["norm"].status == "dense (norm)" and not by["norm"].matmul
+    assert by["conv"].status == "dense (unsupported type Conv1d)" and by["conv"].matmul
+    assert by[""].status == "dense (unsupported type Tied)" and by[""].numel == 16 * 16   # proj_weight only
+    # every module holding parameters is in the report (attention by its four projections)
+    holders = {n for n, m in Tied().named_modules() if any(True for _ in m.parameters(recurse=False))}
+    parts = {f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    assert holders - {"attn", "attn.out_proj"} == set(by) - parts
+    matmul = 3 * 16 * 16 + 16 * 16 + 32 * 16 * 2 + 16 * 16 * 3 + 16 * 16 + 16 * 16 + 20 * 16
+    assert report.total_numel == matmul and f"all layers: {report.total_nnz}/{matmul}" in str(report)
+    free = [r for r in report.layers if r.in_budget]
+    assert {r.name for r in free} == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "fc", "out"}
+    assert report.free_nnz == report.budget == round(0.3 * sum(r.numel for r in free))   # ERK exact
+    y = model.attn(torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))[0]
+    assert y.shape == (2, 5, 16)
+
+
+def test_attention_can_be_kept_or_pinned_by_name():
+    model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.Linear(16, 16))
+    report = sk.sparsify(model, 0.2, dense_layers=["0"])
+    assert type(model[0]) is nn.MultiheadAttention and isinstance(model[1], SparseLinear)
+    assert [r.status for r in report.layers[:4]] == ["dense (kept)"] * 4
+    model = nn.Sequential(nn.MultiheadAttention(16, 2), nn.Linear(16, 16))
+    report = sk.sparsify(model, 0.2, densities={"0.v_proj": 0.5}, dense_layers=["0.out_proj"])
+    by = {r.name: r for r in report.layers}
+    assert by["0.v_proj"].nnz == 128 and by["0.out_proj"].status == "dense (kept)"
+    assert isinstance(model[0].v_proj, SparseLinear) and type(model[0].out_proj) is not SparseLinear

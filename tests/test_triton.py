@@ -254,13 +254,13 @@ def test_module_forward_backward_through_the_ops(layout, b, dtype):
     out_f, in_f, M = SHAPES["csr" if b == 1 else b]
     layer = make_linear(in_f, out_f, layout, b, density=0.1 if ON_GPU else 0.25, seed=stable_seed(layout, b),
                         device=DEV, dtype=dtype)
-    assert layer.nnz > 0 and layer.weight.block_size == b
+    assert layer.nnz > 0 and layer.topology.block_size == b
     x = torch.randn(M, in_f, device=DEV, dtype=dtype, requires_grad=True)
-    assert_gpu_path(sk.select_backend(x, layer.weight.values).name)
+    assert_gpu_path(sk.select_backend(x, layer.topology.values).name)
     y = layer(x)
     dy = torch.randn_like(y)
     y.backward(dy)
-    w = layer.weight
+    w = layer.topology
     x64 = x.detach().double().requires_grad_()
     v64 = w.values.detach().double().requires_grad_()
     b64 = layer.bias.detach().double().requires_grad_()

@@ -48,7 +48,7 @@ def build(case):
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[10]}{c[11]}-k{c[5]}s{c[6]}p{c[7]}d{c[8]}g{c[9]}" for c in CASES])
 def test_gpu_conv_matches_reference(case):
     sc, x = build(case)
-    w = sc.weight
+    w = sc.topology
     geom = list(sc.geometry)
     v64, t = w.values.detach(), w.topology()
     b = w.block_size
@@ -72,7 +72,7 @@ def test_bsr_groups_that_do_not_tile_are_refused():
     sc, x = build(case)
     v = torch.zeros(1, 16, 16, device=DEV)
     with pytest.raises(NotImplementedError, match="multiple of 16"):
-        gconv.grouped_topology(v, *sc.weight.topology(), 2, 6, 3, 3)
+        gconv.grouped_topology(v, *sc.topology.topology(), 2, 6, 3, 3)
 
 
 # (N, Cin, Cout, H, W): a real layer on a GPU, a tiny one under the interpreter
@@ -95,7 +95,7 @@ def test_sparse_conv_module_forward_backward(layout, b, dtype):
     x2 = x.detach().clone().requires_grad_()
     mask = sc.mask().to(DEV)
     w2 = dense.weight.detach().clone().requires_grad_()
-    assert_gpu_path(sk.select_backend(x, sc.weight.values, kind="conv").name)
+    assert_gpu_path(sk.select_backend(x, sc.topology.values, kind="conv").name)
     y = sc(x)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -116,5 +116,5 @@ def test_sparse_conv_module_forward_backward(layout, b, dtype):
 
 def _dense_grad(sc):
     """The values' gradient scattered into the dense [Cout, Cin/g, kh, kw] weight shape."""
-    w = sc.weight
+    w = sc.topology
     return w.to_dense(dtype=w.values.dtype, values=w.values.grad).view(sc.out_channels, -1, *sc.kernel_size)

@@ -46,15 +46,15 @@ class Net(nn.Module):
 
     def reference(self, x):
         """The same network in float64 through the reference ops (the current topologies)."""
-        c, f1, f2 = self.conv, self.fc1.weight, self.fc2.weight
-        h = ref.conv2d(x.double(), c.weight.values.double(), *c.weight.topology(), c.bias.double(),
+        c, f1, f2 = self.conv, self.fc1.topology, self.fc2.topology
+        h = ref.conv2d(x.double(), c.topology.values.double(), *c.topology.topology(), c.bias.double(),
                        list(c.geometry)).relu().flatten(1)
         h = ref.spmm(h, f1.values.double(), *f1.topology(), self.fc1.bias.double()).relu()
         return ref.spmm(h, f2.values.double(), *f2.topology(), self.fc2.bias.double())
 
 
 def layers(net):
-    return {"conv": net.conv.weight, "fc1": net.fc1.weight, "fc2": net.fc2.weight}
+    return {"conv": net.conv.topology, "fc1": net.fc1.topology, "fc2": net.fc2.topology}
 
 
 def test_rigl_updates_between_gpu_passes(monkeypatch, on_gpu_path):
@@ -78,7 +78,7 @@ def test_rigl_updates_between_gpu_passes(monkeypatch, on_gpu_path):
     data = [(torch.randn(2, 2, 3, 3, generator=g).to(DEV), torch.randn(2, 48, generator=g).to(DEV))
             for _ in range(2)]
     before = {n: active_positions(t).cpu() for n, t in layers(net).items()}
-    assert_gpu_path(sk.select_backend(data[0][0], net.fc1.weight.values).name)
+    assert_gpu_path(sk.select_backend(data[0][0], net.fc1.topology.values).name)
     for x, target in data:
         loss = ((net(x) - target) ** 2).mean()
         opt.zero_grad()

@@ -168,7 +168,7 @@ class DSTEngine:
 
     Args:
         model: holds the sparse layers (``SparseLinear``/``SparseConv2d``).
-        optimizer: holds every sparse layer's ``weight.values``.
+        optimizer: holds every sparse layer's ``topology.values``.
         total_steps: training steps planned (for the schedule).
         update_every: steps between topology updates (>= 1).
         drop_fraction: initial fraction of each layer's nnz rewired per update, in (0, 1).
@@ -195,8 +195,8 @@ class DSTEngine:
             raise ValueError("the model has no SparseLinear/SparseConv2d layers; call sparsekern.sparsify first")
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         for n, m in self.layers:
-            if id(m.weight.values) not in held:
-                raise ValueError(f"the optimizer does not hold layer {n!r}'s weight.values; build the "
+            if id(m.topology.values) not in held:
+                raise ValueError(f"the optimizer does not hold layer {n!r}'s topology.values; build the "
                                  f"optimizer from model.parameters() after sparsify")
         self.model, self.optimizer = model, optimizer
         self.total_steps, self.update_every, self.drop_fraction = total_steps, update_every, drop_fraction
@@ -207,7 +207,7 @@ class DSTEngine:
         self.extra_updates: dict[int, float] = {}
         self.freeze_from: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
-        self.ever_active = {n: self._blank(m).index_fill_(0, active_positions(m.weight).cpu(), True)
+        self.ever_active = {n: self._blank(m).index_fill_(0, active_positions(m.topology).cpu(), True)
                             for n, m in self.layers}
         self.history: list[dict] = []
         self._hooks: list = []
@@ -261,7 +261,7 @@ class DSTEngine:
         record = {"step": self.step_count, "fraction": fraction, "layers": {}}
         for name, m in self.layers:
             t0 = time.perf_counter()
-            topo = m.weight
+            topo = m.topology
             nnzb = topo.values.shape[0]
             R, C = topo.shape[0] // topo.block_size, topo.shape[1] // topo.block_size
             k = min(int(round(fraction * nnzb)), nnzb)
@@ -340,7 +340,7 @@ class DSTEngine:
     # --------------------------------------------------------- diagnostics
     @staticmethod
     def _blank(m) -> torch.Tensor:
-        topo = m.weight
+        topo = m.topology
         return torch.zeros((topo.shape[0] // topo.block_size) * (topo.shape[1] // topo.block_size),
                            dtype=torch.bool)
 
@@ -356,9 +356,9 @@ class DSTEngine:
         last = self.history[-1]["layers"] if self.history else {}
         out = {"step": self.step_count, "itop_rate": self.itop_rate(), "layers": {}}
         for n, m in self.layers:
-            g = m.weight.values.grad
+            g = m.topology.values.grad
             out["layers"][n] = {
-                "density": m.weight.density,
+                "density": m.topology.density,
                 "itop_rate": float(self.ever_active[n].float().mean()),
                 "grad_norm": None if g is None else float(g.norm()),
                 "skipped_updates": sum("skipped" in h["layers"].get(n, {}) for h in self.history),
@@ -372,8 +372,8 @@ class DSTEngine:
                 "extra_updates": dict(self.extra_updates), "freeze_from": self.freeze_from,
                 "ever_active": {n: v.clone() for n, v in self.ever_active.items()},
                 "history": list(self.history),
-                "layers": {n: {"shape": list(m.weight.shape), "block_size": m.weight.block_size,
-                               "nnz": m.weight.nnz} for n, m in self.layers},
+                "layers": {n: {"shape": list(m.topology.shape), "block_size": m.topology.block_size,
+                               "nnz": m.topology.nnz} for n, m in self.layers},
                 "config": {"total_steps": self.total_steps, "update_every": self.update_every,
                            "drop_fraction": self.drop_fraction, "schedule": self.schedule,
                            "stop_at": self.stop_at, "method": type(self).__name__}}
@@ -402,7 +402,7 @@ class DSTEngine:
         for key in ("step", "rng", "ever_active", "history", "config", "layers"):
             if key not in state:
                 raise ValueError(f"DST state is missing {key!r}")
-        here = {n: {"shape": list(m.weight.shape), "block_size": m.weight.block_size, "nnz": m.weight.nnz}
+        here = {n: {"shape": list(m.topology.shape), "block_size": m.topology.block_size, "nnz": m.topology.nnz}
                 for n, m in self.layers}
         layers = state["layers"]
         if not isinstance(layers, Mapping):
@@ -495,7 +495,7 @@ class RigL(DSTEngine):
 
     def grow_positions(self, name, module, kept, n, k):
         g = self.dense_gradient(name, module)
-        b = module.weight.block_size
+        b = module.topology.block_size
         R, C = g.shape[0] // b, g.shape[1] // b
         block = g.abs_() if b == 1 else g.reshape(R, b, C, b).pow(2).sum((1, 3)).sqrt()
         return rigl_grow(block.flatten().cpu(), kept, k)

@@ -38,7 +38,7 @@ def layer_gradient_norms(model: nn.Module) -> dict[str, float]:
     out, total = {}, 0.0
     for name, m in model.named_modules():
         if isinstance(m, (SparseLinear, SparseConv2d)):
-            g = m.weight.values.grad
+            g = m.topology.values.grad
         elif isinstance(m, (nn.Linear, nn.Conv2d)):
             g = m.weight.grad
         else:

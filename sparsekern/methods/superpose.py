@@ -89,14 +89,14 @@ def superpose(running: nn.Module, ticket: nn.Module, w_running: float, w_ticket:
     if set(rl) != set(tl):
         raise ValueError(f"models differ in sparse layers: {sorted(set(rl) ^ set(tl))}")
     for name, m in rl.items():
-        a, b = m.weight, tl[name].weight
+        a, b = m.topology, tl[name].topology
         if a.shape != b.shape or a.block_size != b.block_size:
             raise ValueError(f"layer {name!r}: {a.shape}/b={a.block_size} vs {b.shape}/b={b.block_size}")
         C = a.shape[1] // a.block_size
         merged = merge_topologies([(a.row_offsets, a.col_indices, a.values), (b.row_offsets, b.col_indices, b.values)],
                                   [w_running, w_ticket], a.values.shape[0], C)
         write_topology(a, *merged)
-    sparse_params = {id(m.weight.values) for m in rl.values()}
+    sparse_params = {id(m.topology.values) for m in rl.values()}
     t_params = dict(ticket.named_parameters())
     for n, p in running.named_parameters():
         if id(p) not in sparse_params:

@@ -1,12 +1,16 @@
-"""What ``SparseLinear`` and ``SparseConv2d`` share: layout checks, topology
-construction, magnitude masks, fan-in based initialisation and inspection."""
+"""What ``SparseLinear``, ``SparseConv2d`` and ``SparseConv1D`` share: layout checks, topology
+construction, magnitude masks, fan-in based initialisation and inspection, the
+``weight`` view and the loading of last version's state_dict keys."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 
-from sparsekern.formats import BSR_BLOCK_SIZES, AtomicLoadMixin, BSRTopology, CSRTopology, row_ids
+from sparsekern.formats import (_STATE_FIELDS, BSR_BLOCK_SIZES, AtomicLoadMixin, BSRTopology, CSRTopology,
+                                row_ids)
+from sparsekern.nn.weight import SparseWeight
 
 LAYOUTS = ("csr", "bsr")
 
@@ -40,20 +44,74 @@ def magnitude_mask(w: torch.Tensor, density: float, block_size: int = 1) -> torc
     return keep.reshape(R, C).repeat_interleave(b, 0).repeat_interleave(b, 1)
 
 
+def rename_legacy_keys(state_dict, prefix: str = "") -> None:
+    """Rename, in place, a sparse layer's entries saved by the last version, when the topology was
+    the module ``weight`` (``<prefix>weight.values``, ``.row_offsets``, ... ``.meta``), to today's
+    ``<prefix>topology.<field>``. A state_dict holding both spellings of one field is refused."""
+    old, new = prefix + "weight.", prefix + "topology."
+    for key in [k for k in state_dict if k.startswith(old) and k[len(old):] in _STATE_FIELDS]:
+        field = key[len(old):]
+        if new + field in state_dict:
+            raise ValueError(f"checkpoint holds both {key!r} (the last version's key) and {new + field!r}; keep one")
+        state_dict[new + field] = state_dict.pop(key)
+
+
 class SparseWeightMixin(AtomicLoadMixin):
-    """For modules holding ``self.weight`` (a topology) and ``self.bias``.
+    """For modules holding ``self.topology`` (a CSR/BSR topology) and ``self.bias``.
+
+    ``weight`` is a :class:`~sparsekern.nn.weight.SparseWeight`, a tensor view of the
+    topology with the dense weight's shape (``_weight_view_shape``; transposed when
+    ``_weight_transposed``); it cannot be assigned.
 
     ``load_state_dict`` is all-or-nothing for the layer: the topology entries
-    (``weight.*``) and the bias are all checked before any of them is written, so
-    a refused load (``ValueError`` naming the entry; ``RuntimeError`` for missing or
-    unexpected keys) leaves every tensor as it was. Inside a larger model each
-    sparse layer is checked before its own tensors are written.
+    (``topology.*``, or last version's ``weight.*``, renamed on load) and the bias are all
+    checked before any of them is written, so a refused load (``ValueError`` naming the
+    entry; ``RuntimeError`` for missing or unexpected keys) leaves every tensor as it was.
+    Inside a larger model each sparse layer is checked before its own tensors are written.
     """
+
+    _weight_transposed = False
+
+    @property
+    def _weight_view_shape(self) -> tuple[int, ...]:
+        return tuple(self.topology.shape)
+
+    @property
+    def weight(self) -> SparseWeight:
+        """The weight as a tensor of the dense weight's shape, a view of ``self.topology`` (no copy):
+        see :mod:`sparsekern.nn.weight` for what it supports."""
+        return SparseWeight(self.topology, self._weight_view_shape, transposed=self._weight_transposed,
+                            backend=self.backend)
+
+    def __setattr__(self, name, value):
+        if name == "weight":
+            raise AttributeError(
+                f"{type(self).__name__}.weight is a view of the layer's sparse topology and cannot be "
+                f"assigned (got {type(value).__name__}): write the stored values through "
+                f"layer.topology.values or load_state_dict, or keep the layer dense "
+                f"(sparsify(..., dense_layers=[...])) to tie or replace its weight")
+        super().__setattr__(name, value)
+
+    def __setstate__(self, state):
+        mods = state.get("_modules", {})
+        if "weight" in mods and "topology" not in mods:          # pickled by the last version
+            state["_modules"] = {("topology" if k == "weight" else k): v for k, v in mods.items()}
+        super().__setstate__(state)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        metadata = getattr(state_dict, "_metadata", None)
+        state_dict = OrderedDict(state_dict)              # renamed in a copy, as torch copies it too
+        if metadata is not None:
+            state_dict._metadata = metadata
+        rename_legacy_keys(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
-        # torch writes this module's bias here, then calls self.weight's loader: check both first
-        self.weight.loadable(state_dict, prefix + "weight.")
+        # torch hands each child a filtered copy of this dict, so a rename here reaches the topology
+        rename_legacy_keys(state_dict, prefix)
+        # torch writes this module's bias here, then calls the topology's loader: check both first
+        self.topology.loadable(state_dict, prefix + "topology.")
         self.check_own_entries(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
@@ -67,19 +125,19 @@ class SparseWeightMixin(AtomicLoadMixin):
             raise ValueError(f"{names} = ({rows}, {cols}) must be multiples of block_size={b}")
         dtype = dtype or torch.get_default_dtype()
         mask = random_mask(rows, cols, b, density=density, generator=generator)
-        self.weight = make_topology(mask, layout, block_size, dtype=dtype).to(device)
+        self.topology = make_topology(mask, layout, block_size, dtype=dtype).to(device)
         self.bias = torch.nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if bias else None
         self.reset_parameters(generator)
 
     def fan_in(self) -> torch.Tensor:
         """Actual nonzero fan-in of every output neuron / channel, int64 [out]."""
-        w = self.weight
+        w = self.topology
         per_block_row = (w.row_offsets[1:] - w.row_offsets[:-1]).long() * w.block_size
         return per_block_row.repeat_interleave(w.block_size)
 
     def _per_value(self, per_row: torch.Tensor) -> torch.Tensor:
         """Broadcast a float64 [out] per-neuron quantity to the values' shape (on the CPU)."""
-        w = self.weight
+        w = self.topology
         rows = row_ids(w.row_offsets).cpu()
         per_row = per_row.cpu()
         if w.layout == "csr":
@@ -91,7 +149,7 @@ class SparseWeightMixin(AtomicLoadMixin):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Per-neuron U(-1/sqrt(f), 1/sqrt(f)) with f the actual nonzero fan-in (weights and bias)."""
         bound = 1.0 / self.fan_in().clamp(min=1).double().sqrt()
-        w = self.weight
+        w = self.topology
         u = torch.rand(w.values.shape, generator=generator, dtype=torch.float64)
         w.values.copy_(((2 * u - 1) * self._per_value(bound)).to(w.values))
         if self.bias is not None:
@@ -108,18 +166,18 @@ class SparseWeightMixin(AtomicLoadMixin):
         deviation, not a variance. The bias is left as it is.
         """
         std = (scale / self.fan_in().clamp(min=1).double()).sqrt()
-        w = self.weight
+        w = self.topology
         z = torch.randn(w.values.shape, generator=generator, dtype=torch.float64)
         w.values.copy_((z * self._per_value(std)).to(w.values))
 
     @property
     def nnz(self) -> int:
         """Stored weight elements (nonzero blocks * b * b for BSR)."""
-        return self.weight.nnz
+        return self.topology.nnz
 
     @property
     def density(self) -> float:
-        return self.weight.density
+        return self.topology.density
 
 
 def block_of(layout, block_size):

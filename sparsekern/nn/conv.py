@@ -30,9 +30,11 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
     Shapes: input float [N, in_channels, H, W] or [in_channels, H, W], NCHW or
     channels-last -> output float [N, out_channels, OH, OW] in the same memory format.
 
-    The weight is a topology over [out_channels, in_channels/groups * kh * kw]
+    ``topology`` holds the weight over [out_channels, in_channels/groups * kh * kw]
     (columns in ``nn.Conv2d``'s ``weight.view(out, -1)`` order). Parameters are
-    ``weight.values`` and ``bias``. Initialisation: per-output-channel
+    ``topology.values`` and ``bias``. ``weight`` reads as ``nn.Conv2d``'s
+    [out, in/groups, kh, kw] tensor without storing it (:mod:`sparsekern.nn.weight`):
+    ``F.conv2d(x, layer.weight, ...)`` runs the sparse kernel. Initialisation: per-output-channel
     U(-1/sqrt(f), 1/sqrt(f)), f the channel's actual nonzero fan-in.
     """
 
@@ -77,6 +79,8 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         """``nn.Conv2d``'s weight shape [out, in/groups, kh, kw]."""
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
+    _weight_view_shape = weight_shape
+
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, density: float | None = None,
                    layout: str = "csr", block_size: int | None = None, backend: str = "auto"):
@@ -92,41 +96,53 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         if (mask is None) == (density is None):
             raise ValueError("give exactly one of mask= or density=")
+        shape_2d = (conv.out_channels, conv.weight.shape[1:].numel())
+        w = conv.weight.detach().reshape(shape_2d)
+        if mask is None:
+            mask = magnitude_mask(w, density, block_of(layout, block_size))
+        else:
+            if tuple(mask.shape) not in (tuple(conv.weight.shape), shape_2d):
+                raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(conv.weight.shape)} "
+                                 f"or {shape_2d}")
+            mask = mask.reshape(shape_2d)
+        return cls.from_topology(conv, make_topology(mask.to(w.device), layout, block_size, values=w), backend)
+
+    @classmethod
+    def from_topology(cls, conv: nn.Conv2d, topology, backend: str = "auto"):
+        """The layer with ``conv``'s geometry and a copy of its bias, holding ``topology``
+        ([out_channels, in_channels/groups * kh * kw], used as is, not copied)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self._set_geometry(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                            conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        if tuple(topology.shape) != self.weight_shape_2d:
+            raise ValueError(f"topology has shape {tuple(topology.shape)}, expected {self.weight_shape_2d} "
+                             f"(out_channels, in_channels/groups*kh*kw)")
         self.backend = backend
-        w = conv.weight.detach().reshape(self.weight_shape_2d)
-        if mask is None:
-            mask = magnitude_mask(w, density, block_of(layout, block_size))
-        else:
-            if tuple(mask.shape) not in (tuple(conv.weight.shape), self.weight_shape_2d):
-                raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(conv.weight.shape)} "
-                                 f"or {self.weight_shape_2d}")
-            mask = mask.reshape(self.weight_shape_2d)
-        self.weight = make_topology(mask.to(w.device), layout, block_size, values=w)
+        self.topology = topology
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
         return self
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` holding the same function (zeros off the topology)."""
-        v = self.weight.values
+        v = self.topology.values
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                          self.padding, self.dilation, self.groups, bias=self.bias is not None,
                          device=v.device, dtype=v.dtype)
         with torch.no_grad():
-            conv.weight.copy_(self.weight.to_dense().reshape(self.weight_shape))
+            conv.weight.copy_(self.topology.to_dense().reshape(self.weight_shape))
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
         return conv
 
     def mask(self) -> torch.Tensor:
         """Dense bool [out, in/groups, kh, kw] (for inspection only)."""
-        return self.weight.mask().reshape(self.weight_shape)
+        return self.topology.mask().reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_conv2d(x, self.weight, self.geometry, self.bias, self.backend)
+        return sparse_conv2d(x, self.topology, self.geometry, self.bias, self.backend)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -137,5 +153,5 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
-        bs = f", block_size={self.weight.block_size}" if self.weight.layout == "bsr" else ""
-        return s + f", layout={self.weight.layout}{bs}, density={self.density:.4f}, nnz={self.nnz}"
+        bs = f", block_size={self.topology.block_size}" if self.topology.layout == "bsr" else ""
+        return s + f", layout={self.topology.layout}{bs}, density={self.density:.4f}, nnz={self.nnz}"

@@ -26,8 +26,11 @@ class SparseLinear(SparseWeightMixin, nn.Module):
 
     Shapes: input float [..., in_features] -> output float [..., out_features].
 
-    Parameters are ``weight.values`` ([nnz] or [nnzb, b, b]) and ``bias``; the
-    topology tensors are buffers, so any ``torch.optim`` optimizer works.
+    ``topology`` holds the sparse weight (a ``CSRTopology``/``BSRTopology``); its
+    ``values`` ([nnz] or [nnzb, b, b]) and ``bias`` are the parameters, the index tensors
+    are buffers, so any ``torch.optim`` optimizer works. ``weight`` reads as
+    ``nn.Linear``'s [out_features, in_features] tensor without storing it
+    (:mod:`sparsekern.nn.weight`): ``F.linear(x, layer.weight)`` runs the sparse kernel.
     Initialisation: each output neuron's weights (and its bias) are drawn from
     U(-1/sqrt(f), 1/sqrt(f)) with f its *actual* nonzero fan-in, the sparse
     analogue of ``nn.Linear``'s default.
@@ -44,12 +47,18 @@ class SparseLinear(SparseWeightMixin, nn.Module):
                           density, layout, block_size, device, dtype, generator)
 
     @classmethod
-    def _wrap(cls, topology, bias, backend="auto"):
+    def from_topology(cls, topology, bias: torch.Tensor | None = None, backend: str = "auto"):
+        """The layer holding ``topology`` ([out_features, in_features], used as is, not copied)
+        and a copy of ``bias`` (float [out_features], or None for no bias)."""
+        out_f, in_f = topology.shape
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},) for a topology "
+                             f"of shape {tuple(topology.shape)}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self.out_features, self.in_features = topology.shape
+        self.out_features, self.in_features = out_f, in_f
         self.backend = backend
-        self.weight = topology
+        self.topology = topology
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
         return self
 
@@ -70,28 +79,29 @@ class SparseLinear(SparseWeightMixin, nn.Module):
             mask = magnitude_mask(w, density, block_of(layout, block_size))
         elif mask.shape != w.shape:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(w.shape)}")
-        return cls._wrap(make_topology(mask.to(w.device), layout, block_size, values=w), linear.bias, backend)
+        return cls.from_topology(make_topology(mask.to(w.device), layout, block_size, values=w),
+                                 linear.bias, backend)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` holding the same function (zeros off the topology)."""
-        v = self.weight.values
+        v = self.topology.values
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=v.device, dtype=v.dtype)
         with torch.no_grad():
-            lin.weight.copy_(self.weight.to_dense())
+            lin.weight.copy_(self.topology.to_dense())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
 
     def mask(self) -> torch.Tensor:
         """Dense bool [out_features, in_features] (for inspection only)."""
-        return self.weight.mask()
+        return self.topology.mask()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.weight, self.bias, self.backend)
+        return sparse_linear(x, self.topology, self.bias, self.backend)
 
     def extra_repr(self) -> str:
-        bs = f", block_size={self.weight.block_size}" if self.weight.layout == "bsr" else ""
+        bs = f", block_size={self.topology.block_size}" if self.topology.layout == "bsr" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, layout={self.weight.layout}{bs}, "
+                f"bias={self.bias is not None}, layout={self.topology.layout}{bs}, "
                 f"density={self.density:.4f}, nnz={self.nnz}")

@@ -23,6 +23,7 @@ import torch
 
 from sparsekern._checks import check_int, check_pair as _pair
 from sparsekern.ops.backends import select_backend
+from sparsekern.ops.dispatch import as_operand
 
 
 def conv_geometry(kernel_size, stride=1, padding=0, dilation=1, groups=1) -> list[int]:
@@ -62,7 +63,8 @@ def sparse_conv2d(x: torch.Tensor, weight, geometry: list[int], bias: torch.Tens
     Args:
         x: float [N, Cin, H, W] (or unbatched [Cin, H, W]), NCHW or channels-last,
             same dtype and device as ``weight.values``.
-        weight: a ``CSRTopology``/``BSRTopology`` of shape [Cout, Cin/groups * kh * kw].
+        weight: a ``CSRTopology``/``BSRTopology`` of shape [Cout, Cin/groups * kh * kw] (or a
+            ``SparseConv2d``'s ``weight`` view).
         geometry: from :func:`conv_geometry` (kernel, stride, padding, dilation, groups).
         bias: optional float [Cout].
         backend: "auto", "cpu", "cuda" or "reference".
@@ -73,6 +75,7 @@ def sparse_conv2d(x: torch.Tensor, weight, geometry: list[int], bias: torch.Tens
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    weight = as_operand(weight)
     values = weight.values
     cout, k_cols = weight.shape
     if len(geometry) != 11:

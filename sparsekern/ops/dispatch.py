@@ -11,6 +11,17 @@ import torch
 from sparsekern.ops.backends import BACKENDS, select_backend  # noqa: F401  (public here too)
 
 
+def as_operand(weight):
+    """``weight`` (a topology) as is, or a sparse layer's ``weight`` view as the ops' operand;
+    a dense tensor is refused, naming what is expected."""
+    if isinstance(weight, torch.Tensor):
+        if not hasattr(weight, "sparse_operand"):
+            raise TypeError(f"weight must be a CSRTopology/BSRTopology or a sparse layer's weight, got a "
+                            f"dense tensor of shape {tuple(weight.shape)}")
+        return weight.sparse_operand()
+    return weight
+
+
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
                   backend: str = "auto") -> torch.Tensor:
     """y = x . W^T + bias with a sparse W, computed on the nonzeros only.
@@ -18,7 +29,7 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     Args:
         x: float [..., in_features], same dtype and device as ``weight.values``.
         weight: a :class:`~sparsekern.formats.CSRTopology` or ``BSRTopology``
-            of shape (out_features, in_features).
+            of shape (out_features, in_features), or a sparse layer's ``weight`` view.
         bias: optional float [out_features].
         backend: "auto", "cpu", "cuda" or "reference" (see :func:`~sparsekern.ops.backends.select_backend`).
 
@@ -26,6 +37,7 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         float [..., out_features], contiguous. A zero-sized weight (out_features or
         in_features 0) gives what ``nn.Linear`` gives.
     """
+    weight = as_operand(weight)
     values = weight.values
     out_f, in_f = weight.shape
     if not isinstance(x, torch.Tensor):
