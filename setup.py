@@ -1,7 +1,14 @@
 """Build sparsekern's compiled extension ``sparsekern._C`` (metadata: pyproject.toml).
 
-One extension holds every kernel in ``csrc/``: the C++/OpenMP CPU kernels
-always, the CUDA kernels (``csrc/cuda/*.cu``) only when this torch is a CUDA
+The CPU kernels (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) are built, by default on
+x86-64, once per instruction-set variant, each a complete extension:
+``sparsekern._C_avx512`` (-march=x86-64-v4), ``sparsekern._C_avx2``
+(x86-64-v3) and ``sparsekern._C_base`` (x86-64-v2). Importing sparsekern loads
+exactly one, the best this CPU runs (``sparsekern/_cpu_isa.py``), so a wheel is
+portable and the choice costs nothing per call. ``SPARSEKERN_CPU_ARCH`` builds
+one extension ``sparsekern._C`` for that -march instead (``native`` for a local
+build tuned to this machine). The CUDA kernels (``csrc/cuda/*.cu``) are a
+separate extension, ``sparsekern._C_cuda``, built only when this torch is a CUDA
 build *and* a valid CUDA toolkit is found (``nvcc``, ``include/``,
 ``lib64/libcudart*``); otherwise the build says why it skipped them
 (tests/test_cuda_compile.py still compiles them with nvcc alone). The CUDA
@@ -15,13 +22,19 @@ fresh one:
 Environment:
     CUDA_HOME            the CUDA toolkit to build with (checked; torch's own guess
                          from the nvcc on PATH may be a wrapper's directory).
-    SPARSEKERN_CPU_ARCH  -march value for the CPU kernels (default "native";
-                         e.g. "x86-64-v3" to build a portable AVX2 binary).
+    SPARSEKERN_CPU_VARIANTS  which x86-64 variants to build: "all" (default: a
+                         portable build), "host" (the best this machine runs; what
+                         scripts/setup.sh builds: one compile), or a list "avx2,base".
+    SPARSEKERN_CPU_ARCH  build one CPU extension sparsekern._C with this -march
+                         (e.g. "native" for a build tuned to this machine, or
+                         "x86-64-v3") instead of the variants.
     SPARSEKERN_SANITIZE  e.g. "address,undefined": build the CPU kernels with
                          those sanitizers (-O1 -g, no recovery); see scripts/asan.sh.
 """
 import glob
+import importlib.util
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -95,37 +108,97 @@ def cuda_skip_reason():
     return None
 
 
+def load_cpu_isa():
+    """sparsekern/_cpu_isa.py (the variants and the CPU flags each needs), loaded as a
+    file: the package itself is not importable before it is built."""
+    spec = importlib.util.spec_from_file_location("_sparsekern_cpu_isa",
+                                                  os.path.join(ROOT, "sparsekern", "_cpu_isa.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_builds():
+    """[(module name, -march or None)] of the CPU extensions to build."""
+    isa = load_cpu_isa()
+    arch = os.environ.get("SPARSEKERN_CPU_ARCH")
+    if arch:
+        return [("sparsekern._C", arch)]
+    if os.environ.get("SPARSEKERN_SANITIZE"):  # one instrumented build, for this machine
+        return [("sparsekern._C", "native")]
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return [("sparsekern._C", None)]  # the compiler's default target: portable
+    wanted = os.environ.get("SPARSEKERN_CPU_VARIANTS", "all").strip()
+    if wanted == "all":
+        names = list(isa.VARIANTS)
+    elif wanted == "host":
+        names = [isa.best_here()]
+    else:
+        names = [n.strip() for n in wanted.split(",") if n.strip()]
+        bad = [n for n in names if n not in isa.VARIANTS]
+        if bad or not names:
+            raise SystemExit(f"SPARSEKERN_CPU_VARIANTS={wanted!r}: {bad or 'empty'} not in "
+                             f"{tuple(isa.VARIANTS)} (or 'all', 'host')")
+    return [(isa.module_name(n), isa.VARIANTS[n][0]) for n in names]
+
+
+def module_macro(name):
+    """The PyInit suffix csrc/ops.cpp and csrc/cuda/module.cpp define for ``name``."""
+    return [("SPARSEKERN_MODULE", name.rsplit(".", 1)[1])]
+
+
 def extensions():
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    arch = os.environ.get("SPARSEKERN_CPU_ARCH", "native")
     # No -std: BuildExtension adds the standard this torch's headers need.
-    cxx = ["-O3", "-fopenmp", f"-march={arch}", "-ffp-contract=fast", "-fno-math-errno"]
+    base = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
     link = ["-fopenmp"]
     sanitize = os.environ.get("SPARSEKERN_SANITIZE")
     if sanitize:
         flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g"] + flags
+        base = [f for f in base if f != "-O3"] + ["-O1", "-g"] + flags
         link += flags
         print(f"sparsekern: sanitizer build ({sanitize})")
+    exts = []
+    for name, march in cpu_builds():
+        cxx = base + ([f"-march={march}"] if march else [])
+        print(f"sparsekern: building {name} (-march={march or 'compiler default'})")
+        exts.append(CppExtension(name, sources, extra_compile_args={"cxx": cxx}, extra_link_args=link,
+                                 define_macros=module_macro(name)))
     skip = cuda_skip_reason()
     if skip is None:
-        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        cuda_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        cuda_sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        print(f"sparsekern: building CUDA kernels with {cpp_extension.CUDA_HOME} "
+        print(f"sparsekern: building sparsekern._C_cuda with {cpp_extension.CUDA_HOME} "
               f"for TORCH_CUDA_ARCH_LIST={archs}")
-        return [CUDAExtension("sparsekern._C", sources,
-                              extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-                              extra_link_args=link,
-                              define_macros=[("SPARSEKERN_WITH_CUDA", "1")])]
-    print(f"sparsekern: skipping CUDA kernels: {skip}")
-    return [CppExtension("sparsekern._C", sources, extra_compile_args={"cxx": cxx},
-                         extra_link_args=link)]
+        exts.append(CUDAExtension("sparsekern._C_cuda", cuda_sources,
+                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+                                  define_macros=module_macro("sparsekern._C_cuda")))
+    else:
+        print(f"sparsekern: skipping CUDA kernels: {skip}")
+    return exts
+
+
+class Build(BuildExtension):
+    """torch's BuildExtension (ninja), which also removes, from an in-place or editable
+    build's package directory, compiled modules this build no longer makes (an
+    earlier ``SPARSEKERN_CPU_ARCH`` build's ``_C``, say), so a stale kernel is never loaded."""
+
+    def run(self):
+        super().run()
+        if not (self.inplace or getattr(self, "editable_mode", False)):
+            return
+        keep = {name.rsplit(".", 1)[1] for name in (e.name for e in self.extensions)}
+        for path in glob.glob(os.path.join(ROOT, "sparsekern", "_C*.so")):
+            if os.path.basename(path).split(".", 1)[0] not in keep:
+                print(f"sparsekern: removing stale {os.path.relpath(path, ROOT)}")
+                os.remove(path)
 
 
 if __name__ == "__main__":  # (setuptools' build backends run this file as __main__)
     setup(
         ext_modules=extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": Build.with_options(use_ninja=True)},
         zip_safe=False,
     )

@@ -1,4 +1,7 @@
-// The compiled extension, imported as the Python module sparsekern._C.
+// The compiled CPU extension, imported as one Python module: sparsekern._C_avx512,
+// _C_avx2 or _C_base (the same sources built per instruction set; sparsekern/_cpu_isa.py
+// imports the best this CPU runs) or sparsekern._C (one SPARSEKERN_CPU_ARCH build).
+// setup.py passes the module's name as SPARSEKERN_MODULE.
 //
 // Operator schemas live in Python (sparsekern/ops/library.py, one schema per
 // op), so the ops exist, trace under torch.compile and dispatch to the
@@ -12,9 +15,6 @@
 //   row_offsets int32 [R+1], col_indices int32 [nnz]: W in CSR/BSR order
 //   t_offsets   int32 [C+1], t_indices int32 [nnz], t_perm int32 [nnz]:
 //               W^T; entry j of W^T is values[t_perm[j]] (never a copy)
-#include <Python.h>
+#include "module_init.h"
 
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+SPARSEKERN_DEFINE_MODULE()

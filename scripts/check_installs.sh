@@ -4,7 +4,9 @@
 #
 #   bash scripts/check_installs.sh           # every path, sdist built from scratch
 #   bash scripts/check_installs.sh --quick   # the CI subset: every path, but the builds
-#                                            # reuse this checkout's compiled objects
+#                                            # go through ccache and make only the CPU
+#                                            # kernel variant this machine runs (the full
+#                                            # mode builds the portable set: all variants)
 #
 # Paths:
 #   editable-old-pip   pip 23.2.1 + wheel: pip install --no-build-isolation -e .
@@ -28,6 +30,9 @@ trap 'rm -rf "$WORK"' EXIT
 constraints="$WORK/constraints.txt"
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
 failed=()
+if [ "$mode" = "--quick" ]; then
+  export SPARSEKERN_CPU_VARIANTS="${SPARSEKERN_CPU_VARIANTS:-host}"
+fi
 
 # Every path compiles the same sources with the same flags: with ccache only the first
 # build compiles (cache in build/ccache, keyed without the build directory's path).
@@ -69,7 +74,7 @@ layer = sk.SparseLinear(16, 8, density=0.5)
 x = torch.randn(3, 16, requires_grad=True)
 layer(x).sum().backward()
 assert x.grad.shape == (3, 16)
-print("smoke ok:", where)
+print("smoke ok:", where, "| CPU kernels:", sk.cpu_kernel_variant())
 EOF
   )
 }
@@ -150,6 +155,15 @@ EOF
   pip_in "$v" wheel -c "$constraints" --no-build-isolation --no-deps -w "$WORK/wheels" "$src"
   whl="$(ls "$WORK"/wheels/sparsekern-*.whl)"
   echo "wheel: $(basename "$whl")"
+  # The wheel holds the CPU kernel variants asked for (all of them by default: portable).
+  "$v/bin/python" - "$whl" "$ROOT" <<'EOF'
+import os, pathlib, runpy, sys, zipfile
+whl, root = sys.argv[1], sys.argv[2]
+want = {name.split(".")[1] for name, _ in runpy.run_path(f"{root}/setup.py", run_name="x")["cpu_builds"]()}
+have = {pathlib.Path(n).name.split(".")[0] for n in zipfile.ZipFile(whl).namelist() if n.endswith(".so")}
+assert want <= have, f"the wheel lacks {sorted(want - have)} (has {sorted(have)})"
+print("wheel holds", sorted(have))
+EOF
   local v2; v2="$(venv fresh)"
   pip_in "$v2" install -c "$constraints" --no-deps "$whl"
   smoke "$v2" 0

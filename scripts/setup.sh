@@ -34,6 +34,9 @@ else
 fi
 
 "${PIP[@]}" -c "$constraints" -r "$requirements"
-echo "setup: building the sparsekern extension"
+# One compile: the CPU kernel variant this machine runs best (a wheel holds all of them;
+# SPARSEKERN_CPU_VARIANTS=all builds them here too, SPARSEKERN_CPU_ARCH=native one -march=native build).
+export SPARSEKERN_CPU_VARIANTS="${SPARSEKERN_CPU_VARIANTS:-host}"
+echo "setup: building the sparsekern extension (SPARSEKERN_CPU_VARIANTS=$SPARSEKERN_CPU_VARIANTS${SPARSEKERN_CPU_ARCH:+, SPARSEKERN_CPU_ARCH=$SPARSEKERN_CPU_ARCH})"
 "${PIP[@]}" -c "$constraints" --no-build-isolation -e .
-"$PY" -c "import sparsekern as sk; assert sk.extension_available(), 'extension failed to load'; print('setup: sparsekern', sk.__version__, 'ready, kernels built')"
+"$PY" -c "import sparsekern as sk; assert sk.extension_available(), 'extension failed to load'; print('setup: sparsekern', sk.__version__, 'ready; CPU kernels:', sk.cpu_kernel_variant())"

@@ -15,6 +15,7 @@ Public API:
     sparse_linear                functional y = x W^T + b
     sparse_conv2d, conv_geometry functional conv with a sparse weight
     select_backend, BACKENDS     which kernel runs where, and why not
+    cpu_kernel_variant           which build of the CPU kernels this CPU runs (AVX-512, AVX2, base)
 """
 from sparsekern import _ext
 from sparsekern._version import __version__
@@ -27,10 +28,12 @@ from sparsekern import dst  # noqa: E402  (needs nn)
 from sparsekern import methods  # noqa: E402  (needs dst)
 
 extension_available = _ext.available
+cpu_kernel_variant = _ext.cpu_variant
 
 __all__ = [
     "SparseLinear", "SparseConv2d", "SparseConv1D", "SparseMultiheadAttention", "SparseWeight",
     "from_pretrained", "CSRTopology", "BSRTopology", "SparseTopology", "check_structure",
     "sparse_linear", "sparse_conv2d", "conv_geometry", "select_backend", "BACKENDS", "extension_available",
+    "cpu_kernel_variant",
     "sparsify", "densify", "SparsityReport", "dst", "methods",
 ]

@@ -78,3 +78,22 @@ def on_gpu_path():
 @pytest.fixture
 def ext_required():
     assert sk.extension_available(), "the compiled extension must be built for the test suite"
+
+
+def heavy_check_wanted(flag: str) -> bool:
+    """Whether a minutes-long script check runs: in CI (``CI=true``) or with ``flag=1``."""
+    return os.environ.get("CI") == "true" or os.environ.get(flag) == "1"
+
+
+def run_repo_script(*args: str, timeout: int, must_print=()) -> str:
+    """Run ``bash <args>`` from the repository root; it must exit 0 and print each line of
+    ``must_print``. Returns its output, whose tail is the assertion message otherwise."""
+    import subprocess
+    from pathlib import Path
+    r = subprocess.run(["bash", *args], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=timeout)
+    out = r.stdout[-8000:] + r.stderr[-4000:]
+    assert r.returncode == 0, out
+    for line in must_print:
+        assert line in r.stdout, f"{line!r} not printed:\n{out}"
+    return r.stdout

@@ -102,7 +102,9 @@ NVCC = shutil.which("nvcc")
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 @pytest.mark.parametrize("source", sorted(ROOT.glob("csrc/cuda/*.cu")), ids=lambda p: p.name)
 def test_cuda_sources_compile_against_torch_2_14_headers(source, headers, tmp_path):
-    cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / "out.o"), "-std=c++20", "-O3",
+    # PTX only and an unoptimised host pass: what changes between torch versions is the
+    # headers' C++ (ptxas and codegen are tests/test_cuda_compile.py's job).
+    cmd = [NVCC, "-c", str(source), "-o", str(tmp_path / "out.o"), "-std=c++20", "-O0",
            "-gencode=arch=compute_90,code=compute_90", "-diag-suppress=3306",
            "-Xcompiler", "-fPIC"] + include_flags(headers)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -6,20 +6,12 @@ undefined behaviour in a kernel or launcher aborts that run. It takes a few
 minutes, so it runs in CI (CI=true) or when SPARSEKERN_ASAN=1; the full matrix
 is ``bash scripts/asan.sh``.
 """
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-WANTED = os.environ.get("CI") == "true" or os.environ.get("SPARSEKERN_ASAN") == "1"
+from conftest import heavy_check_wanted, run_repo_script
 
 
-@pytest.mark.skipif(not WANTED, reason="sanitizer subset runs in CI or with SPARSEKERN_ASAN=1")
+@pytest.mark.skipif(not heavy_check_wanted("SPARSEKERN_ASAN"),
+                    reason="sanitizer subset runs in CI or with SPARSEKERN_ASAN=1")
 def test_kernel_tests_pass_under_address_and_undefined_sanitizers():
-    r = subprocess.run(["bash", "scripts/asan.sh", "--quick"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=1200)
-    out = r.stdout[-6000:] + r.stderr[-6000:]
-    assert r.returncode == 0, out
-    assert "asan: no sanitizer report" in r.stdout, out
+    run_repo_script("scripts/asan.sh", "--quick", timeout=1200, must_print=["asan: no sanitizer report"])

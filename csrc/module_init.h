@@ -1,0 +1,23 @@
+// The Python module entry point of a compiled sparsekern extension. Its name comes
+// from setup.py as SPARSEKERN_MODULE (e.g. _C_avx2, _C_cuda); the module holds no
+// functions: importing it runs the file's TORCH_LIBRARY(_IMPL) registrations.
+#pragma once
+
+#include <Python.h>
+
+#ifndef SPARSEKERN_MODULE
+#define SPARSEKERN_MODULE _C
+#endif
+
+#define SPARSEKERN_CAT2(a, b) a##b
+#define SPARSEKERN_CAT(a, b) SPARSEKERN_CAT2(a, b)
+#define SPARSEKERN_STR2(a) #a
+#define SPARSEKERN_STR(a) SPARSEKERN_STR2(a)
+
+#define SPARSEKERN_DEFINE_MODULE()                                                      \
+  extern "C" PyObject* SPARSEKERN_CAT(PyInit_, SPARSEKERN_MODULE)(void) {               \
+    static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,                      \
+                                            SPARSEKERN_STR(SPARSEKERN_MODULE), nullptr, \
+                                            -1, nullptr};                               \
+    return PyModule_Create(&module_def);                                                \
+  }
