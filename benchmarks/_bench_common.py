@@ -42,18 +42,19 @@ def median_ms(fn, reps: int, warmup: int = 2, budget_s: float = 6.0) -> float:
 def cpu_detail() -> dict:
     """Vendor, family/model and the vector ISA: "AMD EPYC" alone does not tell Zen 3
     (AVX2) from Zen 4 (AVX-512), and the kernels' speed depends on it."""
+    from sparsekern import _cpu_isa
     info = {}
     try:
         for line in open("/proc/cpuinfo"):
             key, _, val = line.partition(":")
             key = key.strip()
-            if key in ("vendor_id", "cpu family", "model", "flags") and key not in info:
+            if key in ("vendor_id", "cpu family", "model") and key not in info:
                 info[key] = val.strip()
-            if len(info) == 4:
+            if len(info) == 3:
                 break
     except OSError:
         pass
-    flags = set(info.get("flags", "").split())
+    flags = _cpu_isa.cpu_flags() or set()
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "sse"
     if "amx_tile" in flags:
         isa += "+amx"
@@ -73,7 +74,7 @@ def cpu_slug() -> str:
 def machine_meta(threads: int, reps: int) -> dict:
     """Machine, versions and settings a result file records."""
     return {"cpu": cpu_model(), **{f"cpu_{k}": v for k, v in cpu_detail().items()},
-            "threads": threads, "torch": torch.__version__,
+            "threads": threads, "torch": torch.__version__, "kernels": sk.cpu_kernel_variant(),
             "sparsekern": sk.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "reps": reps, "dtype": "float32", "cores": os.cpu_count()}

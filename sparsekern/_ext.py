@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import warnings
 
 from sparsekern import _cpu_isa
@@ -30,8 +31,18 @@ _import_error: Exception | None = None
 _cuda_error: Exception | None = None
 
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
 def _built(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    """Whether module ``name`` is built *in this package's directory*: an editable install
+    can put another checkout's directory on ``sparsekern.__path__``, and its modules are
+    not this tree's build."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and os.path.dirname(os.path.abspath(spec.origin or "")) == _HERE
 
 
 def _import_cpu():
