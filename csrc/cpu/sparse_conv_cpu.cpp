@@ -1,5 +1,6 @@
 // CPU launchers for sparsekern::conv2d, conv2d_dx and conv2d_dw (direct sparse
-// convolution, CSR and BSR weights, fp32/fp64). Each checks its inputs, builds
+// convolution, CSR and BSR weights, fp32/fp64; bf16/fp16 through the fp32 kernels:
+// reduced_precision.h). Each checks its inputs, builds
 // the entry tables and padded buffers, and hands them to run_bands:
 //   conv_geometry.h   the geometry and every size derived from it (checked)
 //   conv_entries.h    per-plane entry tables (window offset, value index)
@@ -19,6 +20,7 @@
 #include "conv_geometry.h"
 #include "conv_nonfinite.h"
 #include "conv_schedule.h"
+#include "reduced_precision.h"
 
 namespace sparsekern {
 namespace cpu {
@@ -34,6 +36,13 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values, const at
                       const at::Tensor& col_indices, const at::Tensor& t_offsets,
                       const at::Tensor& t_indices, const at::Tensor& t_perm,
                       const c10::optional<at::Tensor>& bias, c10::IntArrayRef geometry) {
+  if (is_reduced(values) || is_reduced(x_in)) {
+    check_same_dtype(x_in, values, "x", "values");
+    check_same_dtype(bias, values, "bias", "values");
+    return conv2d_cpu(to_fp32(x_in), to_fp32(values), row_offsets, col_indices, t_offsets, t_indices,
+                      t_perm, to_fp32(bias), geometry)
+        .to(values.scalar_type());
+  }
   check_act(x_in, values, "x");
   const auto s = check_conv(values, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry,
                             x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3));
@@ -61,6 +70,12 @@ at::Tensor conv2d_dx_cpu(const at::Tensor& dy_in, const at::Tensor& values,
                          const at::Tensor& t_offsets, const at::Tensor& t_indices,
                          const at::Tensor& t_perm, c10::IntArrayRef geometry,
                          c10::IntArrayRef input_size) {
+  if (is_reduced(values) || is_reduced(dy_in)) {
+    check_same_dtype(dy_in, values, "dy", "values");
+    return conv2d_dx_cpu(to_fp32(dy_in), to_fp32(values), row_offsets, col_indices, t_offsets,
+                         t_indices, t_perm, geometry, input_size)
+        .to(values.scalar_type());
+  }
   TORCH_CHECK_VALUE(input_size.size() == 4, "input_size must be [N, C, H, W], got ", input_size);
   const auto s = check_conv(values, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry,
                             input_size[0], input_size[1], input_size[2], input_size[3]);
@@ -106,6 +121,12 @@ at::Tensor conv2d_dw_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                          const at::Tensor& row_offsets, const at::Tensor& col_indices,
                          const at::Tensor& t_offsets, const at::Tensor& t_indices,
                          const at::Tensor& t_perm, c10::IntArrayRef geometry, int64_t block_size) {
+  if (is_reduced(x_in) || is_reduced(dy_in)) {
+    check_same_dtype(dy_in, x_in, "dy", "x");
+    return conv2d_dw_cpu(to_fp32(dy_in), to_fp32(x_in), row_offsets, col_indices, t_offsets,
+                         t_indices, t_perm, geometry, block_size)
+        .to(x_in.scalar_type());
+  }
   check_block_size(block_size, "block_size");
   TORCH_CHECK_VALUE(x_in.dim() == 4, "x must be 4-D [N, C, H, W], got shape ", x_in.sizes());
   check_int32_size(checked_mul(checked_mul(col_indices.numel(), block_size, "values size"),

@@ -1,4 +1,5 @@
-// CPU launchers for sparsekern::spmm, spmm_t and sddmm (CSR and BSR, fp32/fp64).
+// CPU launchers for sparsekern::spmm, spmm_t and sddmm (CSR and BSR, fp32/fp64; bf16/fp16
+// through the fp32 kernels: reduced_precision.h).
 //
 // Every launcher validates what its kernel will read (shapes, dtypes, devices,
 // monotone offsets, every index in range) before the kernel runs; the kernels
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "reduced_precision.h"
 #include "tile_kernels.h"
 
 namespace sparsekern {
@@ -247,6 +249,13 @@ at::Tensor spmm_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::
                     const at::Tensor& col_indices, const at::Tensor& t_offsets,
                     const at::Tensor& t_indices, const at::Tensor& t_perm,
                     const c10::optional<at::Tensor>& bias) {
+  if (is_reduced(values) || is_reduced(x_in)) {
+    check_same_dtype(x_in, values, "x", "values");
+    check_same_dtype(bias, values, "bias", "values");
+    return spmm_cpu(to_fp32(x_in), to_fp32(values), row_offsets, col_indices, t_offsets, t_indices,
+                    t_perm, to_fp32(bias))
+        .to(values.scalar_type());
+  }
   const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
   check_cpu(values, "values");
   const at::Tensor x = flatten_lead(x_in, "x");
@@ -270,6 +279,12 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
                       const at::Tensor& row_offsets, const at::Tensor& col_indices,
                       const at::Tensor& t_offsets, const at::Tensor& t_indices,
                       const at::Tensor& t_perm) {
+  if (is_reduced(values) || is_reduced(dy_in)) {
+    check_same_dtype(dy_in, values, "dy", "values");
+    return spmm_t_cpu(to_fp32(dy_in), to_fp32(values), row_offsets, col_indices, t_offsets, t_indices,
+                      t_perm)
+        .to(values.scalar_type());
+  }
   const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
   check_cpu(values, "values");
   const at::Tensor dy = flatten_lead(dy_in, "dy");
@@ -303,6 +318,12 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
 at::Tensor sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& row_offsets,
                      const at::Tensor& col_indices, const at::Tensor& t_offsets,
                      const at::Tensor& t_indices, const at::Tensor& t_perm, int64_t block_size) {
+  if (is_reduced(x_in) || is_reduced(dy_in)) {
+    check_same_dtype(dy_in, x_in, "dy", "x");
+    return sddmm_cpu(to_fp32(dy_in), to_fp32(x_in), row_offsets, col_indices, t_offsets, t_indices,
+                     t_perm, block_size)
+        .to(x_in.scalar_type());
+  }
   check_block_size(block_size, "block_size");
   // A values-shaped placeholder lets check_topology see the layout.
   TORCH_CHECK_VALUE(dy_in.dim() >= 1 && x_in.dim() >= 1 &&

@@ -10,7 +10,8 @@ backend with its reasons. Nothing falls back silently.
 ==========  ======  ===================  ====================  ==========================================
 backend     device  dtypes               layouts               implementation
 ==========  ======  ===================  ====================  ==========================================
-cpu         CPU     float32, float64     CSR, BSR 4..64        C++/OpenMP kernels (``torch.ops.sparsekern``)
+cpu         CPU     float32, float64,    CSR, BSR 4..64        C++/OpenMP kernels (``torch.ops.sparsekern``);
+                    bfloat16, float16                          bf16/fp16 accumulate in fp32
 cuda_cpp    CUDA    float16, bfloat16,   CSR                   csrc/cuda: Sputnik-style SpMM, warp-reduced
                     float32                                    SDDMM, tensor-core SpMM at 70-90% sparsity
 triton      CUDA    float16, bfloat16,   CSR, BSR 16/32/64     :mod:`sparsekern.gpu` (``tl.dot`` for BSR)
@@ -160,7 +161,7 @@ def _reference():
 
 
 BACKENDS: dict[str, Backend] = {
-    "cpu": Backend("cpu", ("cpu",), (torch.float32, torch.float64), ("csr", "bsr"), BSR_BLOCK_SIZES, KINDS,
+    "cpu": Backend("cpu", ("cpu",), (torch.float32, torch.float64, torch.bfloat16, torch.float16), ("csr", "bsr"), BSR_BLOCK_SIZES, KINDS,
                    _library, runtime=_cpu_runtime),
     "cuda_cpp": Backend("cuda_cpp", ("cuda",), gpu.DTYPES, ("csr",), (), ("linear", "conv"), _library,
                         runtime=_cuda_cpp_runtime, auto_refusal=_cuda_cpp_auto_refusal,
@@ -221,15 +222,17 @@ def select_gpu(device: torch.device, dtype: torch.dtype, block_size: int, kind: 
                   requested_by=None if want == "auto" else f"{ENV}={os.environ[ENV]}")
 
 
-def select_backend(x: torch.Tensor, values: torch.Tensor, backend: str = "auto", kind: str = "linear") -> Backend:
+def select_backend(x: torch.Tensor, values: torch.Tensor, backend: str = "auto", kind: str = "linear",
+                   dtype: torch.dtype | None = None) -> Backend:
     """The backend that will run ``kind`` ("linear" or "conv") ops on ``x`` with a weight's ``values``.
 
     ``backend`` is what a module or functional accepts: "auto" (the CPU kernels, else the
     GPU kernels the CUDA ops will pick, see :func:`select_gpu`), "cpu", "cuda" (the GPU
     kernels, whichever SPARSEKERN_GPU_BACKEND selects) or "reference". Raises
     ``NotImplementedError`` explaining every refusal, ``ValueError`` for an unknown name.
+    ``dtype`` is the dtype the op runs in when it is not values' (under autocast).
     """
-    args = (x.device, values.dtype, block_size_of(values), kind)
+    args = (x.device, dtype or values.dtype, block_size_of(values), kind)
     if backend == "cuda":
         return select_gpu(*args)
     if backend in GPU_BACKENDS:

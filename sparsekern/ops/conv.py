@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from sparsekern._checks import check_int, check_pair as _pair
+from sparsekern.ops.autocast import autocast_dtype, run_dtype
 from sparsekern.ops.backends import select_backend
 from sparsekern.ops.dispatch import as_operand
 
@@ -62,7 +63,8 @@ def sparse_conv2d(x: torch.Tensor, weight, geometry: list[int], bias: torch.Tens
 
     Args:
         x: float [N, Cin, H, W] (or unbatched [Cin, H, W]), NCHW or channels-last,
-            same dtype and device as ``weight.values``.
+            same dtype and device as ``weight.values`` (under ``torch.autocast`` any
+            floating dtype: the op runs in autocast's dtype).
         weight: a ``CSRTopology``/``BSRTopology`` of shape [Cout, Cin/groups * kh * kw] (or a
             ``SparseConv2d``'s ``weight`` view).
         geometry: from :func:`conv_geometry` (kernel, stride, padding, dilation, groups).
@@ -90,8 +92,7 @@ def sparse_conv2d(x: torch.Tensor, weight, geometry: list[int], bias: torch.Tens
     if cin % groups or cin // groups * kh * kw != k_cols:
         raise ValueError(f"x has {cin} channels; this conv expects in_channels = "
                          f"{k_cols // (kh * kw) * groups} (groups={groups}, kernel {kh}x{kw})")
-    if x.dtype != values.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but the weight's values are {values.dtype}")
+    dtype = run_dtype(x, values)
     if x.device != values.device:
         raise ValueError(f"x is on {x.device} but the weight is on {values.device}")
     from sparsekern.ops.library import conv_output_hw
@@ -99,11 +100,12 @@ def sparse_conv2d(x: torch.Tensor, weight, geometry: list[int], bias: torch.Tens
     if oh < 1 or ow < 1:
         raise ValueError(f"input {tuple(x.shape[2:])} is smaller than the (dilated, padded) kernel: "
                          f"output would be {oh}x{ow}")
-    if bias is not None and (bias.shape != (cout,) or bias.dtype != values.dtype):
+    if bias is not None and (bias.shape != (cout,) or (bias.dtype != values.dtype
+                                                      and autocast_dtype(x.device) is None)):
         raise ValueError(f"bias must be [{cout}] of dtype {values.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
         and not x.is_contiguous()
-    be = select_backend(x, values, backend, kind="conv")
+    be = select_backend(x, values, backend, kind="conv", dtype=dtype)
     y = be.ops.conv2d(x, values, *weight.topology(), bias, list(geometry))
     if channels_last:
         y = y.contiguous(memory_format=torch.channels_last)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsekern.ops.autocast import autocast_dtype, run_dtype
 from sparsekern.ops.backends import BACKENDS, select_backend  # noqa: F401  (public here too)
 
 
@@ -27,7 +28,8 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     """y = x . W^T + bias with a sparse W, computed on the nonzeros only.
 
     Args:
-        x: float [..., in_features], same dtype and device as ``weight.values``.
+        x: float [..., in_features], same dtype and device as ``weight.values`` (under
+            ``torch.autocast`` any floating dtype: the op runs in autocast's dtype).
         weight: a :class:`~sparsekern.formats.CSRTopology` or ``BSRTopology``
             of shape (out_features, in_features), or a sparse layer's ``weight`` view.
         bias: optional float [out_features].
@@ -44,16 +46,15 @@ def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != in_f:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected [..., in_features={in_f}]")
-    if x.dtype != values.dtype:
-        raise TypeError(f"x has dtype {x.dtype} but the weight's values are {values.dtype}")
+    dtype = run_dtype(x, values)
     if x.device != values.device:
         raise ValueError(f"x is on {x.device} but the weight is on {values.device}")
     if bias is not None:
         if bias.shape != (out_f,):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_f},)")
-        if bias.dtype != values.dtype or bias.device != values.device:
+        if (bias.dtype != values.dtype and autocast_dtype(x.device) is None) or bias.device != values.device:
             raise TypeError(f"bias is {bias.dtype} on {bias.device}; expected {values.dtype} on {values.device}")
-    be = select_backend(x, values, backend)
+    be = select_backend(x, values, backend, dtype=dtype)
     if out_f == 0 or in_f == 0:
         # An empty weight has no entries: ``values`` (0 elements) *is* the dense [out, in]
         # matrix, so torch's linear gives nn.Linear's output and gradients (zeros [..., 0],

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from sparsekern import _ext
+from sparsekern.ops import autocast
 from sparsekern.ops.backends import block_size_of  # noqa: F401  (also public here)
 
 _TOPO = "Tensor row_offsets, Tensor col_indices, Tensor t_offsets, Tensor t_indices, Tensor t_perm"
@@ -83,6 +84,8 @@ CUDA_IMPLS = {**{n: _cuda_kernel(n) for n in ("spmm", "spmm_t", "sddmm")},
               **{n: _cuda_conv(n) for n in ("conv2d", "conv2d_dx", "conv2d_dw")}}
 for _name, _impl in CUDA_IMPLS.items():
     _lib.impl(_name, _impl, "CUDA")
+
+autocast.register(_lib, SCHEMAS)
 
 spmm = torch.ops.sparsekern.spmm.default
 spmm_t = torch.ops.sparsekern.spmm_t.default
