@@ -24,7 +24,9 @@ def reasons(name, dtype=torch.float32, block=1, kind="linear", device=CPU):
 @interpreter
 def test_every_backend_declares_and_explains():
     assert list(BACKENDS) == ["cpu", "cuda_cpp", "triton", "reference"]
-    assert reasons("cpu", torch.bfloat16) == ["dtype torch.bfloat16 not in ['torch.float32', 'torch.float64']"]
+    assert reasons("cpu", torch.float8_e4m3fn) == [
+        "dtype torch.float8_e4m3fn not in ['torch.float32', 'torch.float64', 'torch.bfloat16', 'torch.float16']"]
+    assert reasons("cpu", torch.bfloat16) == reasons("cpu", torch.float16) == []
     assert reasons("cpu", block=2) == ["BSR block_size 2 not in [4, 8, 16, 32, 64]"]
     assert reasons("cpu", block=64) == [] and reasons("reference", torch.bfloat16, 8, device=META) == []
     assert reasons("reference", torch.int32) == ["dtype torch.int32 is not floating point"]
@@ -53,7 +55,7 @@ def test_select_names_or_walks_the_list():
     with pytest.raises(NotImplementedError, match=r"backend 'triton', which cannot run these inputs: device cpu"):
         select(CPU, torch.float32, 1, backend="triton")
     with pytest.raises(NotImplementedError) as exc:
-        select(CPU, torch.float16, 1)
+        select(CPU, torch.float8_e4m3fn, 1)
     lines = str(exc.value).splitlines()
     assert lines[0] == "no sparsekern backend supports these inputs:"
     assert [ln.split(":")[0].strip() for ln in lines[1:]] == list(BACKENDS)
@@ -68,8 +70,8 @@ def test_select_names_or_walks_the_list():
 def test_functional_names_and_the_gpu_request(monkeypatch):
     x, v = torch.randn(2, 8), torch.randn(3)
     assert select_backend(x, v).name == "cpu"
-    with pytest.raises(NotImplementedError, match=r"(?s)cpu: dtype torch.bfloat16.*triton: device cpu.*reference"):
-        select_backend(x.bfloat16(), v.bfloat16())
+    with pytest.raises(NotImplementedError, match=r"(?s)cpu: dtype torch.float8_e4m3fn.*triton: device cpu.*reference"):
+        select_backend(x.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="pass backend='cuda'"):
         select_backend(x, v, "triton")
     with cuda_path_on_cpu():
