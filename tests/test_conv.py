@@ -138,7 +138,7 @@ def test_bf16_reference_error_bounded_by_torch_own_error():
     ours = (sc(x.bfloat16()).double() - y64).abs().max()
     assert ours <= 2 * torch_err + 1e-2, (ours, torch_err)
     sc.backend = "auto"                        # the CPU kernels (fp32 accumulation)
-    assert sk.select_backend(x.bfloat16(), sc.weight.values, kind="conv").name == "cpu"
+    assert sk.select_backend(x.bfloat16(), sc.topology.values, kind="conv").name == "cpu"
     ours = (sc(x.bfloat16()).double() - y64).abs().max()
     assert ours <= 2 * torch_err + 1e-2, (ours, torch_err)
 

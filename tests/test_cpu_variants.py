@@ -85,7 +85,7 @@ CHECK = textwrap.dedent("""
                               (2, 6, 9, 7))):
             layer = layer.double()
             x = torch.randn(*shape, dtype=torch.float64, generator=gen, requires_grad=True)
-            w = layer.weight.to_dense().clone().requires_grad_(True)
+            w = layer.topology.to_dense().clone().requires_grad_(True)
             y = layer(x)
             dy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
             y.backward(dy)
@@ -95,10 +95,10 @@ CHECK = textwrap.dedent("""
                 ref = torch.nn.functional.conv2d(x, w.reshape(layer.weight_shape), layer.bias,
                                                  stride=2, padding=1)
             gx, gw = torch.autograd.grad(ref, (x, w), dy)
-            mask = layer.weight.mask()
+            mask = layer.topology.mask()
             assert torch.allclose(y, ref, atol=1e-10), (want, threads, type(layer).__name__)
             assert torch.allclose(x.grad, gx, atol=1e-10)
-            got_w = layer.weight.to_dense(values=layer.weight.values.grad)
+            got_w = layer.topology.to_dense(values=layer.topology.values.grad)
             assert torch.allclose(got_w, gw * mask, atol=1e-10)
     print("variant ok", want)
 """)

@@ -134,7 +134,7 @@ def test_unsupported_device_or_dtype_explains_every_backend():
     lin = SparseLinear(8, 8, density=0.5, dtype=torch.bfloat16)
     x = torch.randn(2, 8, dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError, match=r"(?s)cpu: dtype torch.float8_e4m3fn.*reference: only"):
-        sk.select_backend(x.to(torch.float8_e4m3fn), lin.weight.values.detach().to(torch.float8_e4m3fn))
+        sk.select_backend(x.to(torch.float8_e4m3fn), lin.topology.values.detach().to(torch.float8_e4m3fn))
     assert lin(x).dtype == torch.bfloat16                          # the CPU kernels
     lin.backend = "reference"
     assert lin(x).dtype == torch.bfloat16

@@ -25,7 +25,7 @@ CASES = {
 
 
 def dense_weight(layer):
-    w = layer.weight.to_dense()
+    w = layer.topology.to_dense()
     return w if isinstance(layer, sk.SparseLinear) else w.reshape(layer.weight_shape)
 
 
@@ -53,7 +53,7 @@ def sparse_results(layer, x, dy):
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
     y.backward(dy.to(y.dtype))
-    gw = layer.weight.to_dense(values=layer.weight.values.grad.to(layer.weight.values.dtype))
+    gw = layer.topology.to_dense(values=layer.topology.values.grad.to(layer.topology.values.dtype))
     gw = gw if isinstance(layer, sk.SparseLinear) else gw.reshape(layer.weight_shape)
     return y, x.grad, gw
 
@@ -73,7 +73,7 @@ def test_reduced_precision_error_within_twice_torchs(case, dtype, threads):
 
     low = layer.to(dtype)
     y, gx, gw = sparse_results(low, x.to(dtype), dy)
-    assert y.dtype == gx.dtype == low.weight.values.grad.dtype == dtype
+    assert y.dtype == gx.dtype == low.topology.values.grad.dtype == dtype
     ours = errors((y.double(), gx.double(), gw.double()), ref, mask)
     for what, e, t in zip(("y", "dX", "dW"), ours, torch_err):
         assert e <= 2 * t + 1e-6, f"{what}: error {e:.3g} vs torch's {t:.3g} ({dtype}, {threads} threads)"
@@ -99,7 +99,7 @@ def test_autocast_runs_the_sparse_kernels_in_the_autocast_dtype(case, dtype, thr
     dy = torch.randn(y.shape, generator=gen)
     y.backward(dy.to(dtype))
     y_dense.backward(dy.to(dtype))
-    v = layer.weight.values
+    v = layer.topology.values
     assert v.dtype == v.grad.dtype == torch.float32          # the master values stay fp32
     mask = (dense_weight(layer) != 0).double()
     wr = (dense.weight.detach().double() * mask).requires_grad_(True)
@@ -107,7 +107,7 @@ def test_autocast_runs_the_sparse_kernels_in_the_autocast_dtype(case, dtype, thr
     ref.backward(dy.double())
     err, err_torch = (y.double() - ref).abs().max(), (y_dense.double() - ref).abs().max()
     assert err <= 2 * err_torch + 1e-6, (err, err_torch)
-    gw = layer.weight.to_dense(values=v.grad)
+    gw = layer.topology.to_dense(values=v.grad)
     gw = gw if isinstance(layer, sk.SparseLinear) else gw.reshape(layer.weight_shape)
     gw_err = ((gw.double() - wr.grad) * mask).abs().max()
     gw_err_torch = ((dense.weight.grad.double() - wr.grad) * mask).abs().max()
@@ -121,10 +121,10 @@ def test_half_and_bfloat16_modules_and_the_errors_that_name_the_dtype():
     assert layer.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(TypeError, match="x has dtype torch.float32 but the weight's values are torch.bfloat16"):
         layer(x)
-    v = layer.weight.values
+    v = layer.topology.values
     with pytest.raises(TypeError, match="x has dtype Float but values have dtype BFloat16"):
-        torch.ops.sparsekern.spmm(x, v, *layer.weight.topology(), None)
+        torch.ops.sparsekern.spmm(x, v, *layer.topology.topology(), None)
     with pytest.raises(TypeError, match="dy has dtype Half but x have dtype BFloat16"):
-        torch.ops.sparsekern.sddmm(torch.randn(3, 8).half(), x.bfloat16(), *layer.weight.topology(), 1)
+        torch.ops.sparsekern.sddmm(torch.randn(3, 8).half(), x.bfloat16(), *layer.topology.topology(), 1)
     with pytest.raises(NotImplementedError, match="dtype torch.int32 not in"):
         sk.select_backend(x.int(), v.int())
