@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/methods}"
-COMMON=(--dataset digits --model mlp --width 1024 --density 0.1 --epochs 30 --quiet --no-plots "$@")
+# --update-every 100: the table's setting (the command's default now adapts to the run's length)
+COMMON=(--dataset digits --model mlp --width 1024 --density 0.1 --epochs 30 --update-every 100 --quiet --no-plots "$@")
 TABLE="${TABLE:-benchmarks/results/methods_digits.md}"
 for seed in 0 1 2 3 4; do
   python3 -m sparsekern.train --method rigl "${COMMON[@]}" --seed $seed --baseline run --out $OUT/rigl_$seed

@@ -5,10 +5,11 @@
   crash, kill or power cut at any point leaves the previous checkpoint or the new one,
   never a torn file; a failed write removes its temporary file.
 * :func:`load` reads with ``torch.load(weights_only=True)``, which unpickles only tensors
-  and plain containers and scalars, so a crafted file cannot run code. It then checks the
-  file's structure against :data:`FIELDS` (the one list of what a checkpoint holds) and
-  raises :class:`CheckpointError`, a ``ValueError``, naming the field that is missing,
-  unexpected or of the wrong type.
+  and plain containers and scalars, so a crafted file cannot run code. Given ``fields``
+  (a table of :class:`Field`, such as the training command's one list of checkpoint keys,
+  ``sparsekern.train.checkpoint.KEYS``) it then checks the file's structure
+  (:func:`check`) and raises :class:`CheckpointError`, a ``ValueError``, naming the field
+  that is missing, unexpected or of the wrong type.
 
 A checkpoint therefore holds only tensors, ``None``, bools, numbers, strings and
 lists/tuples/dicts of them: the training command stores its options with paths as strings.
@@ -21,13 +22,12 @@ import os
 import pathlib
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
-VERSIONS = (1,)      # checkpoint layouts this code reads (it writes the last)
 
 
 class CheckpointError(ValueError):
@@ -89,11 +89,13 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 # --- reading --------------------------------------------------------------------------------
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """True for an int that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
+    """True for an int or float that is not a bool."""
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -108,25 +110,24 @@ def is_plain(v) -> bool:
     return False
 
 
-def _tensor(dtype: torch.dtype) -> Callable[[Any], bool]:
+def tensor_of(dtype: torch.dtype) -> Callable[[Any], bool]:
+    """A check: a 1-D tensor of ``dtype``."""
     return lambda v: isinstance(v, torch.Tensor) and v.dtype == dtype and v.dim() == 1
 
 
-def _table(value_ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+def table_of(value_ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A check: a dict with str keys whose values pass ``value_ok``."""
     return lambda v: isinstance(v, dict) and all(isinstance(k, str) and value_ok(x) for k, x in v.items())
 
 
-def _list_of(item_ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+def list_of(item_ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A check: a list or tuple whose items pass ``item_ok``."""
     return lambda v: isinstance(v, (list, tuple)) and all(item_ok(x) for x in v)
 
 
-def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+def optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A check: None, or a value passing ``ok``."""
     return lambda v: v is None or ok(v)
-
-
-def _options_value(v) -> bool:
-    # paths as strings; a pathlib path only in checkpoints written before paths were stored as strings
-    return is_plain(v) or isinstance(v, pathlib.PurePath)
 
 
 @dataclass(frozen=True)
@@ -138,49 +139,23 @@ class Field:
     default: Any = None
 
 
-FIELDS: dict[str, Field] = {
-    "version": Field(lambda v: _is_int(v) and v in VERSIONS, f"one of {VERSIONS}"),
-    "args": Field(_table(_options_value), "a table of options with plain values"),
-    "method": Field(lambda v: isinstance(v, str), "a method name"),
-    "epoch": Field(lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "step": Field(lambda v: _is_int(v) and v >= 0, "an int >= 0"),
-    "order": Field(_optional(_tensor(torch.int64)), "None or a 1-D int64 tensor"),
-    "model": Field(_table(lambda v: isinstance(v, torch.Tensor)), "a state_dict (names -> tensors)"),
-    "optimizer": Field(lambda v: isinstance(v, dict) and {"state", "param_groups"} <= set(v),
-                       "an optimizer state_dict"),
-    "scheduler": Field(lambda v: isinstance(v, dict), "an LR scheduler state_dict"),
-    "dst": Field(_optional(lambda v: isinstance(v, dict)), "None or a DST engine state_dict"),
-    "method_state": Field(_optional(lambda v: isinstance(v, dict)), "None or a method state_dict",
-                          required=False),
-    "data_rng": Field(_tensor(torch.uint8), "a generator state (1-D uint8 tensor)"),
-    "torch_rng": Field(_tensor(torch.uint8), "a generator state (1-D uint8 tensor)"),
-    "history": Field(_list_of(_table(is_plain)), "a list of tables of plain values"),
-    "step_times": Field(_list_of(_is_number), "a list of numbers"),
-    "density_log": Field(_list_of(_table(is_plain)), "a list of tables of plain values"),
-    "epoch_loss": Field(lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and _is_number(v[0])
-                        and _is_int(v[1]) and v[1] >= 0, "a (loss sum, steps) pair",
-                        required=False, default=(0.0, 0)),
-    "plan_epochs": Field(_optional(lambda v: _is_int(v) and v >= 1), "None or an int >= 1", required=False),
-}
-
-
-def check(ck, path) -> dict:
-    """``ck`` if it has every required field of :data:`FIELDS` with the right type and nothing else,
-    with absent optional fields set to their defaults; else :class:`CheckpointError` naming the field."""
+def check(ck, path, fields: Mapping[str, Field]) -> dict:
+    """``ck`` if it has every required entry of ``fields`` with the right type and nothing else,
+    with absent optional entries set to their defaults; else :class:`CheckpointError` naming the field."""
     if not isinstance(ck, dict):
         raise CheckpointError(f"checkpoint {path} is not a sparsekern-train checkpoint (it holds a "
                               f"{type(ck).__name__}, not a table)")
-    missing = sorted(k for k, f in FIELDS.items() if f.required and k not in ck)
+    missing = sorted(k for k, f in fields.items() if f.required and k not in ck)
     if missing:
         raise CheckpointError(f"checkpoint {path} is not a sparsekern-train checkpoint (missing {missing})")
-    unknown = sorted(str(k) for k in ck if k not in FIELDS)
+    unknown = sorted(str(k) for k in ck if k not in fields)
     if unknown:
         raise CheckpointError(f"checkpoint {path} has unknown fields {unknown}")
-    for key, field in FIELDS.items():
+    for key, field in fields.items():
         if key in ck and not field.ok(ck[key]):
             raise CheckpointError(f"checkpoint {path}: field {key!r} should be {field.expected}, got "
                                   f"{_describe(ck[key])}")
-    return {**{k: f.default for k, f in FIELDS.items() if not f.required}, **ck}
+    return {**{k: f.default for k, f in fields.items() if not f.required}, **ck}
 
 
 def _describe(v) -> str:
@@ -190,8 +165,9 @@ def _describe(v) -> str:
     return f"{type(v).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
-def load(path) -> dict:
-    """Read and :func:`check` the checkpoint at ``path`` without running any code stored in it."""
+def load(path, fields: Mapping[str, Field] | None = None) -> dict:
+    """Read the checkpoint at ``path`` without running any code stored in it, and :func:`check`
+    it against ``fields`` when given."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -201,7 +177,7 @@ def load(path) -> dict:
             ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:      # torch.load raises many types on a corrupt or foreign file
         raise CheckpointError(f"checkpoint {path} is not readable: {_one_line(exc)}") from None
-    return check(ck, path)
+    return ck if fields is None else check(ck, path, fields)
 
 
 def _one_line(exc: Exception) -> str:

@@ -9,22 +9,28 @@
   put in the data directory cannot run code.
 * ``synthetic``: a wide random classification task (a random teacher network labels
   Gaussian inputs), where layer widths are large enough for sparsity to pay.
+* ``text``: byte-level language modelling on the Python standard library's own source
+  (:data:`TEXT_FILES`, present on every machine that runs Python; see :func:`load_text`).
 
-Every loader returns a :class:`Split` of float32 inputs and int64 labels, standardised
-with the training statistics, and raises :class:`DatasetError` (a ``ValueError``)
-naming what is missing or wrong.
+Every classification loader returns a :class:`Split` of float32 inputs and int64 labels,
+standardised with the training statistics; ``text`` returns int64 byte sequences and
+their next bytes. Every loader raises :class:`DatasetError` (a ``ValueError``) naming
+what is missing or wrong.
 """
 from __future__ import annotations
 
 import codecs
+import hashlib
 import pickle
-from dataclasses import dataclass
+import platform
+import sysconfig
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "synthetic", "text")
 
 
 class DatasetError(ValueError):
@@ -33,12 +39,19 @@ class DatasetError(ValueError):
 
 @dataclass
 class Split:
-    """x_train float32 [N, ...], y_train int64 [N], x_test, y_test, and the class count."""
+    """x_train float32 [N, ...], y_train int64 [N], x_test, y_test, and the class count.
+
+    For ``task == "language-model"``: x_train int64 [N, T] token sequences, y_train int64
+    [N, T] the next token of each position, ``num_classes`` the vocabulary size. ``info``:
+    where the data came from (plain values, written into the results).
+    """
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    task: str = "classification"
+    info: dict = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -183,9 +196,79 @@ def make_synthetic(n_train: int = 8192, n_test: int = 2048, dim: int = 1024, num
                  y[n_train:].contiguous(), num_classes)
 
 
+# The text corpus: these long-standing standard-library modules (paths under sysconfig's
+# "stdlib"), in this sorted order, concatenated and cut at TEXT_BYTES (the default cap reaches
+# into difflib.py). A file missing from some Python version is skipped, and the results say
+# so (load_text's info); the files' contents differ a little between versions (its sha256).
+TEXT_FILES = (
+    "argparse.py", "ast.py", "bisect.py", "calendar.py", "cmd.py", "codecs.py", "collections/__init__.py",
+    "configparser.py", "contextlib.py", "copy.py", "csv.py", "dataclasses.py", "difflib.py", "dis.py",
+    "enum.py", "fractions.py", "functools.py", "getopt.py", "gettext.py", "glob.py", "heapq.py",
+    "inspect.py", "ipaddress.py", "json/decoder.py", "json/encoder.py", "logging/__init__.py", "os.py",
+    "pprint.py", "queue.py", "random.py", "sched.py", "selectors.py", "shlex.py", "shutil.py",
+    "statistics.py", "string.py", "subprocess.py", "tarfile.py", "textwrap.py", "threading.py",
+    "tokenize.py", "traceback.py", "typing.py", "uuid.py")
+TEXT_BYTES = 512 * 1024
+TEXT_VALID_FRACTION = 0.1
+
+
+def _windows(stream: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping sequences [N, context] of ``stream`` and their next bytes."""
+    n = (len(stream) - 1) // context
+    x = stream[:n * context].reshape(n, context)
+    y = stream[1:n * context + 1].reshape(n, context)
+    return x.contiguous(), y.contiguous()
+
+
+def load_text(context: int = 64, root=None, files=TEXT_FILES, max_bytes: int = TEXT_BYTES,
+              valid_fraction: float = TEXT_VALID_FRACTION) -> Split:
+    """Byte-level language modelling on Python's own standard library source.
+
+    The ``files`` (paths under ``root``, default ``sysconfig.get_paths()["stdlib"]``) are read
+    in order and concatenated until ``max_bytes``; the first ``1 - valid_fraction`` of the
+    bytes train, the rest (the end of the last files read) is the validation text. Both are
+    cut into non-overlapping sequences of ``context`` bytes, each predicting its next bytes:
+    x int64 [N, context], y int64 [N, context], vocabulary 256.
+
+    ``info`` records what was used (the standard library differs a little between Python
+    versions): the Python version, the root, each file with the bytes taken from it, the
+    files missing, the byte counts and the corpus's SHA-256.
+    """
+    if context < 1:
+        raise DatasetError(f"context must be >= 1, got {context}")
+    if not 0.0 < valid_fraction < 1.0:
+        raise DatasetError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    root = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
+    parts, used, missing, total = [], [], [], 0
+    for name in files:
+        if total >= max_bytes:
+            break
+        path = root / name
+        if not path.is_file():
+            missing.append(name)
+            continue
+        chunk = path.read_bytes()[:max_bytes - total]
+        parts.append(chunk)
+        used.append([name, len(chunk)])
+        total += len(chunk)
+    corpus = b"".join(parts)
+    n_valid = int(round(len(corpus) * valid_fraction))
+    if min(n_valid, len(corpus) - n_valid) < context + 1:
+        raise DatasetError(f"the text corpus under {root} has {len(corpus):,} bytes ({len(used)} of the "
+                           f"{len(files)} files found); too little for sequences of {context} bytes")
+    stream = torch.frombuffer(bytearray(corpus), dtype=torch.uint8).long()
+    x_train, y_train = _windows(stream[:len(corpus) - n_valid], context)
+    x_test, y_test = _windows(stream[len(corpus) - n_valid:], context)
+    info = {"name": "text", "python": platform.python_version(), "root": str(root), "files": used,
+            "missing": missing, "bytes": len(corpus), "train_bytes": len(corpus) - n_valid,
+            "valid_bytes": n_valid, "context": context, "sha256": hashlib.sha256(corpus).hexdigest()}
+    return Split(x_train, y_train, x_test, y_test, 256, task="language-model", info=info)
+
+
 def load(name: str, root=None, **kwargs) -> Split:
     """By name: "digits" (kwargs: image, test_fraction, seed), "cifar10"/"cifar100" (root),
-    "synthetic" (kwargs: n_train, n_test, dim, num_classes, seed)."""
+    "synthetic" (kwargs: n_train, n_test, dim, num_classes, seed), "text" (kwargs: context,
+    files, max_bytes, valid_fraction; root: the directory the files are under)."""
     if name == "digits":
         return load_digits(**kwargs)
     if name in ("cifar10", "cifar100"):
@@ -194,4 +277,6 @@ def load(name: str, root=None, **kwargs) -> Split:
         return load_cifar(root, 10 if name == "cifar10" else 100)
     if name == "synthetic":
         return make_synthetic(**kwargs)
+    if name == "text":
+        return load_text(root=root, **kwargs)
     raise DatasetError(f"unknown dataset {name!r}; choose one of {DATASETS}")
