@@ -205,9 +205,12 @@ def _resnet20(input_shape, classes, tokens):
     return resnet20(classes, in_channels=input_shape[0])
 
 
-def _vgg(input_shape, classes, tokens):
+def _vgg(input_shape, classes, tokens, width=None):
     _image("vgg", input_shape, tokens)
-    cfg = [64, "M", 128, "M", 256, 256, "M", 512, 512, "M"]
+    base = width or 64                                           # channels of the first stage
+    if base < 1:
+        raise ModelInputError(f"model 'vgg': --width must be >= 1, got {base}")
+    cfg = [base, "M", 2 * base, "M", 4 * base, 4 * base, "M", 8 * base, 8 * base, "M"]
     pools = max(0, int(math.log2(min(input_shape[1:]))) - 1)    # keep >= 2x2 before the head
     while cfg.count("M") > pools:
         cfg.pop(len(cfg) - 1 - cfg[::-1].index("M"))

@@ -194,9 +194,9 @@ def test_checkpoint_that_does_not_fit_is_named(tmp_path, capsys):
     assert "checkpoint does not fit this run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("model", ["resnet20", "vgg"])
-def test_cnn_models_train_on_digit_images(model, tmp_path):
-    assert train.main(["--model", model, "--method", "static", "--density", "0.5", "--epochs", "1",
+@pytest.mark.parametrize("model, width", [("resnet20", []), ("vgg", ["--width", "16"])])
+def test_cnn_models_train_on_digit_images(model, width, tmp_path):
+    assert train.main(["--model", model, *width, "--method", "static", "--density", "0.5", "--epochs", "1",
                        "--batch-size", "128", "--no-baseline", "--quiet", "--no-plots", "--out", str(tmp_path)]) == 0
     assert final_run(tmp_path)["final"]["accuracy"] > 0.1
 

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mlp", help=f"one of {MODELS}")
     p.add_argument("--width", type=int, default=None,
-                   help="mlp: hidden width (default 1024); gpt: model width d (default 128)")
+                   help="mlp: hidden width (default 1024); gpt: model width d (default 128); "
+                        "vgg: channels of the first stage (default 64, doubling per stage)")
     p.add_argument("--layers", type=int, default=None, help="gpt: transformer blocks (default 2)")
     p.add_argument("--heads", type=int, default=None, help="gpt: attention heads (default 4)")
     p.add_argument("--dataset", default="digits", help=f"one of {datasets.DATASETS}")
