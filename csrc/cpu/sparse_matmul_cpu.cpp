@@ -5,12 +5,18 @@
 // monotone offsets, every index in range) before the kernel runs; the kernels
 // then trust the structure (tile_kernels.h).
 //
-// Work split: the batch (M) is cut into tiles of T rows. For every tile, all
-// threads first pack the dense operand(s) into the transposed layout (split by
-// feature columns), then each thread runs the kernel over its own chunk of
-// output rows, balanced by nonzero count. Row chunks are the same for every
-// tile, so the SDDMM accumulates each nonzero in one thread, in a fixed order:
-// the result is deterministic. Batch 1 still uses every thread.
+// Work split: the batch (M) is cut into tiles of T rows, and the tiles into
+// groups whose packed operands fit kPackBudget. For every group, all threads
+// first pack the dense operand(s) of every tile into the transposed layout,
+// then the output rows, cut into several chunks per thread balanced by nonzero
+// count, are handed out one at a time (dynamic), and each chunk runs over every
+// tile of the group in order. So an op has two barriers per group (one group
+// up to batch 256 at 4096 features), not two per tile, and a thread that the OS
+// deschedules (a busy neighbour, DataLoader workers) holds up at most one
+// chunk: the others take the rest. The SDDMM accumulates each nonzero within
+// one chunk, tiles in order, whichever thread runs it: the result is
+// deterministic, and the same at every thread count. Batch 1 still uses every
+// thread.
 #include <omp.h>
 
 #include <ATen/ATen.h>
@@ -20,6 +26,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "linear_ops.h"
 #include "reduced_precision.h"
 #include "tile_kernels.h"
 
@@ -46,6 +53,24 @@ std::vector<int64_t> balance_rows(const int32_t* offs, int64_t R, int nchunks, i
 }
 
 constexpr int64_t kPackCols = 256;  // feature columns per packing work item
+// Bytes of packed (transposed) operand per group of batch tiles: 8 MiB holds
+// batch 256 x 4096 features x fp64, or batch 512 in fp32.
+constexpr int64_t kPackBudget = int64_t(8) << 20;
+// Row chunks per thread: more lets the threads that run take the work of one
+// that does not; fewer keeps each chunk's rows long (measured in DEVELOPERS.md).
+constexpr int kChunksPerThread = 4;
+
+// Number of row chunks for nt threads over R rows aligned to `align`.
+inline int row_chunks(int nt, int64_t R, int64_t align) {
+  if (nt <= 1) return 1;
+  const int64_t aligned = std::max<int64_t>(1, (R + align - 1) / align);
+  return static_cast<int>(std::min<int64_t>(static_cast<int64_t>(nt) * kChunksPerThread, aligned));
+}
+
+// Batch tiles per group: as many as the budget allows, at least one.
+inline int64_t group_tiles(int64_t ntiles, int64_t bytes_per_tile) {
+  return std::max<int64_t>(1, std::min<int64_t>(ntiles, kPackBudget / std::max<int64_t>(bytes_per_tile, 1)));
+}
 
 template <typename scalar_t, int T>
 void pack_range(const at::Tensor& x, int64_t n0, int64_t nvalid, int64_t cb, scalar_t* xt) {
@@ -82,28 +107,40 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t ldy = y.stride(0);
   const int nt = std::max(1, at::get_num_threads());
-  const auto bounds = balance_rows(offs, R, nt, tv.bsr ? 1 : 16);
-  at::Tensor xt_t = at::empty({std::max<int64_t>(K, 1) * T}, x.options());
+  const int nch = row_chunks(nt, R, tv.bsr ? 1 : 16);
+  const auto bounds = balance_rows(offs, R, nch, tv.bsr ? 1 : 16);
+  const int64_t KT = std::max<int64_t>(K, 1) * T;
+  const int64_t ntiles = (M + T - 1) / T;
+  const int64_t G = group_tiles(ntiles, KT * static_cast<int64_t>(sizeof(scalar_t)));
+  at::Tensor xt_t = at::empty({G * KT}, x.options());
   scalar_t* xt = xt_t.data_ptr<scalar_t>();
   const int64_t npack = (K + kPackCols - 1) / kPackCols;
 #pragma omp parallel num_threads(nt)
-  for (int64_t n0 = 0; n0 < M; n0 += T) {
-    const int64_t nvalid = std::min<int64_t>(T, M - n0);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < npack; ++p) pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt);
-#pragma omp for schedule(static, 1)
-    for (int ch = 0; ch < nt; ++ch) {
+  for (int64_t g0 = 0; g0 < ntiles; g0 += G) {
+    const int64_t gn = std::min<int64_t>(G, ntiles - g0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < gn * npack; ++p) {
+      const int64_t n0 = (g0 + p / npack) * T;
+      pack_range<scalar_t, T>(x, n0, std::min<int64_t>(T, M - n0), (p % npack) * kPackCols,
+                              xt + (p / npack) * KT);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int ch = 0; ch < nch; ++ch) {
       const int64_t r0 = bounds[ch], r1 = bounds[ch + 1];
-      if (!tv.bsr && transposed)
-        csr_spmm_tile<scalar_t, NV, true>(offs, idx, perm, vals, xt, r0, r1, yp, ldy, n0, nvalid, bp);
-      else if (!tv.bsr)
-        csr_spmm_tile<scalar_t, NV, false>(offs, idx, perm, vals, xt, r0, r1, yp, ldy, n0, nvalid, bp);
-      else if (transposed)
-        bsr_spmm_tile<scalar_t, NV, true, true>(offs, idx, perm, vals, tv.bs, xt, r0, r1, yp, ldy,
-                                                n0, nvalid, bp);
-      else
-        bsr_spmm_tile<scalar_t, NV, false, false>(offs, idx, perm, vals, tv.bs, xt, r0, r1, yp,
-                                                  ldy, n0, nvalid, bp);
+      for (int64_t tile = 0; tile < gn; ++tile) {
+        const int64_t n0 = (g0 + tile) * T, nvalid = std::min<int64_t>(T, M - n0);
+        const scalar_t* xg = xt + tile * KT;
+        if (!tv.bsr && transposed)
+          csr_spmm_tile<scalar_t, NV, true>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
+        else if (!tv.bsr)
+          csr_spmm_tile<scalar_t, NV, false>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
+        else if (transposed)
+          bsr_spmm_tile<scalar_t, NV, true, true>(offs, idx, perm, vals, tv.bs, xg, r0, r1, yp, ldy,
+                                                  n0, nvalid, bp);
+        else
+          bsr_spmm_tile<scalar_t, NV, false, false>(offs, idx, perm, vals, tv.bs, xg, r0, r1, yp,
+                                                    ldy, n0, nvalid, bp);
+      }
     }
   }
 }
@@ -147,32 +184,43 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int nt = std::max(1, at::get_num_threads());
-  const auto bounds = balance_rows(offs, tv.rows, nt, 1);
-  at::Tensor xt_t = at::empty({std::max<int64_t>(K, 1) * T}, x.options());
-  at::Tensor dyt_t = at::empty({std::max<int64_t>(N, 1) * T}, x.options());
+  const int nch = row_chunks(nt, tv.rows, 1);
+  const auto bounds = balance_rows(offs, tv.rows, nch, 1);
+  const int64_t KT = std::max<int64_t>(K, 1) * T, NT = std::max<int64_t>(N, 1) * T;
+  const int64_t ntiles = (M + T - 1) / T;
+  const int64_t G = group_tiles(ntiles, (KT + NT) * static_cast<int64_t>(sizeof(scalar_t)));
+  at::Tensor xt_t = at::empty({G * KT}, x.options());
+  at::Tensor dyt_t = at::empty({G * NT}, x.options());
   scalar_t* xt = xt_t.data_ptr<scalar_t>();
   scalar_t* dyt = dyt_t.data_ptr<scalar_t>();
   const int64_t npx = (K + kPackCols - 1) / kPackCols;
   const int64_t npy = (N + kPackCols - 1) / kPackCols;
 #pragma omp parallel num_threads(nt)
-  for (int64_t n0 = 0; n0 < M; n0 += T) {
-    const int64_t nvalid = std::min<int64_t>(T, M - n0);
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < npx + npy; ++p) {
+  for (int64_t g0 = 0; g0 < ntiles; g0 += G) {
+    const int64_t gn = std::min<int64_t>(G, ntiles - g0);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = 0; q < gn * (npx + npy); ++q) {
+      const int64_t tile = q / (npx + npy), p = q % (npx + npy);
+      const int64_t n0 = (g0 + tile) * T, nvalid = std::min<int64_t>(T, M - n0);
       if (p < npx)
-        pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt);
+        pack_range<scalar_t, T>(x, n0, nvalid, p * kPackCols, xt + tile * KT);
       else
-        pack_range<scalar_t, T>(dy, n0, nvalid, (p - npx) * kPackCols, dyt);
+        pack_range<scalar_t, T>(dy, n0, nvalid, (p - npx) * kPackCols, dyt + tile * NT);
     }
-#pragma omp for schedule(static, 1)
-    for (int ch = 0; ch < nt; ++ch) {
-      // The first batch tile writes the output, later tiles add to it.
-      if (tv.bsr)
-        bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, dyt, xt, bounds[ch], bounds[ch + 1], n0 > 0, op);
-      else if (n0 > 0)
-        csr_sddmm_tile<scalar_t, NV, true>(offs, idx, dyt, xt, bounds[ch], bounds[ch + 1], op);
-      else
-        csr_sddmm_tile<scalar_t, NV, false>(offs, idx, dyt, xt, bounds[ch], bounds[ch + 1], op);
+#pragma omp for schedule(dynamic, 1)
+    for (int ch = 0; ch < nch; ++ch) {
+      for (int64_t tile = 0; tile < gn; ++tile) {
+        // The first batch tile writes the output, later tiles add to it.
+        const bool add = g0 + tile > 0;
+        const scalar_t* xg = xt + tile * KT;
+        const scalar_t* dg = dyt + tile * NT;
+        if (tv.bsr)
+          bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, dg, xg, bounds[ch], bounds[ch + 1], add, op);
+        else if (add)
+          csr_sddmm_tile<scalar_t, NV, true>(offs, idx, dg, xg, bounds[ch], bounds[ch + 1], op);
+        else
+          csr_sddmm_tile<scalar_t, NV, false>(offs, idx, dg, xg, bounds[ch], bounds[ch + 1], op);
+      }
     }
   }
 }
@@ -192,7 +240,8 @@ bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, con
   const int32_t* offs = offs_t.data_ptr<int32_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const int nt = std::max(1, at::get_num_threads());
-  const auto bounds = balance_rows(offs, tv.rows, nt, 1);
+  const int nch = row_chunks(nt, tv.rows, 1);
+  const auto bounds = balance_rows(offs, tv.rows, nch, 1);
   // Two vectors of columns x eight rows (16 accumulators, 10 loads per 16
   // FMAs) measured best for b = 16 and 32: dW 7.9x / 8.2x dense at
   // 4096x4096, batch 256, density 0.1 (four x four: 7.3x / 5.7x).
@@ -203,8 +252,8 @@ bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, con
   const int64_t M = x.size(0), ldy = dy.stride(0), ldx = x.stride(0);
   // Batch chunks of 256 rows keep the x (256 x in) and dy panels in L2/L3.
   constexpr int64_t kChunk = 256;
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-  for (int ch = 0; ch < nt; ++ch) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int ch = 0; ch < nch; ++ch) {
     const int64_t r0 = bounds[ch], r1 = bounds[ch + 1];
     for (int64_t n0 = 0; n0 < M; n0 += kChunk) {
       const int64_t n1 = std::min(n0 + kChunk, M);
@@ -244,6 +293,8 @@ std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
   s.back() = last;
   return s;
 }
+
+}  // namespace
 
 at::Tensor spmm_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& row_offsets,
                     const at::Tensor& col_indices, const at::Tensor& t_offsets,
@@ -353,7 +404,6 @@ at::Tensor sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::
   return out;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace sparsekern
 
