@@ -8,6 +8,8 @@
 //   conv_schedule.h   the work split (run_bands) for every op
 //   conv_nonfinite.h  exact terms for non-finite values (padding skipped)
 //   conv_kernels.h    the band micro-kernels
+// Small output planes take the im2col route instead (conv_im2col.h: the linear
+// kernels over the unfolded image).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -18,6 +20,7 @@
 #include "conv_buffers.h"
 #include "conv_entries.h"
 #include "conv_geometry.h"
+#include "conv_im2col.h"
 #include "conv_nonfinite.h"
 #include "conv_schedule.h"
 #include "reduced_precision.h"
@@ -48,6 +51,9 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values, const at
                             x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3));
   check_forward_indices(s, row_offsets, col_indices);
   check_bias(bias, values, s.Cout);
+  if (s.N * s.Cout * s.OH * s.OW > 0 && use_im2col(ConvOp::kForward, s, values.numel()) &&
+      at::isfinite(values).all().item<bool>())
+    return conv2d_im2col(x_in, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias, s);
   at::Tensor y = at::empty({s.N, s.Cout, s.OH, s.OW}, x_in.options());
   if (y.numel() == 0) return y;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -85,6 +91,15 @@ at::Tensor conv2d_dx_cpu(const at::Tensor& dy_in, const at::Tensor& values,
   at::Tensor dx = s.tv.nnz > 0 ? at::empty({s.N, s.Cin, s.H, s.W}, dy_in.options())
                                : at::zeros({s.N, s.Cin, s.H, s.W}, dy_in.options());
   if (dx.numel() == 0 || s.tv.nnz == 0) return dx;
+  if (use_im2col(ConvOp::kDX, s, values.numel())) {
+    // spmm_t reads W's structure or W^T's, by batch: both are checked, so a bad
+    // field is named whichever runs.
+    check_forward_indices(s, row_offsets, col_indices);
+    check_offsets_host(t_offsets, s.tv.nnz, "t_offsets");
+    check_indices_below(t_indices, s.tv.rows, "t_indices");
+    check_indices_below(t_perm, s.tv.nnz, "t_perm");
+    return conv2d_dx_im2col(dy_in, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, s);
+  }
   const at::Tensor dy = dy_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparsekern_conv2d_dx_cpu", [&] {
     const std::vector<int64_t> bad = nonfinite_values<scalar_t>(values);
@@ -142,6 +157,9 @@ at::Tensor conv2d_dw_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   check_dy(dy_in, out, s);
   check_forward_indices(s, row_offsets, col_indices);
   if (out.numel() == 0 || s.N == 0) return out;
+  if (use_im2col(ConvOp::kDW, s, out.numel()))
+    return conv2d_dw_im2col(dy_in, x_in, row_offsets, col_indices, t_offsets, t_indices, t_perm,
+                            block_size, s);
   const at::Tensor dy = dy_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sparsekern_conv2d_dw_cpu", [&] {
     const Plan pl = make_plan<scalar_t>(s.OH, s.OW);
