@@ -245,6 +245,36 @@ class SparseTopology(AtomicLoadMixin, nn.Module):
         t = transpose_metadata(self.row_offsets, self.col_indices, self.shape[1] // self.block_size)
         self.t_offsets, self.t_indices, self.t_perm = t
 
+    @torch.no_grad()
+    def assign_(self, row_offsets: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+                *, trusted: bool = False) -> None:
+        """Overwrite the structure and values in place, at the same nnz; rebuild the transpose in place.
+
+        Every tensor keeps its storage (modules, optimizers and compiled graphs holding them stay
+        valid; the in-place copies bump the index tensors' versions, which the GPU schedules watch).
+
+        Args:
+            row_offsets: int [R + 1]; col_indices: int [nnzb], sorted and unique per row.
+            values: float [nnz] or [nnzb, b, b], cast to the values' dtype.
+            trusted: the caller built the structure from a valid one (the DST rebuild): on a GPU the
+                kernels then skip their re-validation of it (:func:`sparsekern.gpu.schedule.mark_validated`).
+        """
+        if col_indices.numel() != self.col_indices.numel() or values.shape != self.values.shape:
+            raise ValueError(f"assign_ keeps nnz: the new structure has {col_indices.numel()} entries and values "
+                             f"{tuple(values.shape)}, the topology {self.col_indices.numel()} and "
+                             f"{tuple(self.values.shape)}")
+        if row_offsets.numel() != self.row_offsets.numel():
+            raise ValueError(f"row_offsets has {row_offsets.numel()} entries, expected {self.row_offsets.numel()}")
+        self.row_offsets.copy_(row_offsets)
+        self.col_indices.copy_(col_indices)
+        self.values.data.copy_(values)
+        t = transpose_metadata(self.row_offsets, self.col_indices, self.shape[1] // self.block_size)
+        for name, new in zip(("t_offsets", "t_indices", "t_perm"), t):
+            getattr(self, name).copy_(new)
+        if trusted and self.values.is_cuda:
+            from sparsekern.gpu import schedule
+            schedule.mark_validated(self.values, *self.topology())
+
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first malformed field."""
         check_structure(self.shape, self.block_size, self.values, *self.topology())

@@ -329,14 +329,15 @@ def test_top_k_stable_equals_a_full_stable_sort(n, k):
 
 
 def test_sample_free_draws_distinct_free_positions_reproducibly():
-    from sparsekern.dst.engine import sample_free
+    from sparsekern.dst.selection import sample_free
     free = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) < 0.7
-    a = sample_free(free, 3000, torch.Generator().manual_seed(4))
-    b = sample_free(free, 3000, torch.Generator().manual_seed(4))
+    kept = torch.nonzero(~free).flatten()
+    a = sample_free(10_000, kept, 3000, torch.Generator().manual_seed(4))
+    b = sample_free(10_000, kept, 3000, torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and a.numel() == 3000 == torch.unique(a).numel()
     assert bool(free[a].all())
     with pytest.raises(ValueError, match="free positions"):
-        sample_free(free, int(free.sum()) + 1, torch.Generator().manual_seed(0))
+        sample_free(10_000, kept, int(free.sum()) + 1, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("method", [sk.dst.RigL, sk.dst.SET])

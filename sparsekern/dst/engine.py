@@ -30,137 +30,46 @@ magnitudes (or, for RigL, gradient scores) are all non-finite has nothing to be
 ranked by: that update leaves it as it is and records ``"skipped"`` (the
 reason) in ``history`` and :meth:`DSTEngine.diagnostics`.
 
-RigL's growth gradient: on the batch of an update step only, forward/backward
-hooks keep the layer's input and output gradient, and the dense weight
-gradient is formed once (dY^T X, or ``torch.nn.grad.conv2d_weight``): one
-dense GEMM of the layer every ``update_every`` steps, i.e. about
-``1 / (density * update_every)`` of a sparse forward per step (0.1 at 90%
-sparsity, update_every=100). Under ``torch.distributed`` the scores are
-all-reduced and the random streams are seeded alike, so every rank takes the
-same decision.
+RigL's growth gradient: for the step before an update only, each layer's
+:class:`~sparsekern.dst.capture.Tap` keeps the (input, output gradient) pairs of every
+forward and backward of that step (all micro-batches under gradient accumulation; a
+forward without a backward, e.g. evaluation under ``no_grad``, adds nothing; it works under
+``torch.compile``). The dense weight gradient is never formed whole:
+:mod:`sparsekern.dst.growth` computes it a tile of rows at a time (dY^T X, or
+``conv2d_weight``, per tile) and keeps an exact running top-k of the free positions, so an
+update needs O(nnz + batch * (in + out)) memory (the tile follows ``growth_memory``) and
+costs about one dense GEMM of the layer every ``update_every`` steps, i.e. about
+``1 / (density * update_every)`` of a sparse forward per step (0.1 at 90% sparsity,
+update_every=100). Under ``torch.distributed`` the ranks all-gather the captured
+activations (or all-reduce tile by tile, whichever moves fewer bytes: ``ddp_scores``)
+and the random streams are seeded alike, so every rank takes the same decision with no
+dense tensor reduced or held.
+
+Selection runs on the device of the weights (:mod:`sparsekern.dst.selection`), and the
+in-time over-parameterisation tracker is a sorted set of ever-active positions
+(``ever_active``: int64, ascending): 8 bytes per ever-active position, where a bitmap would
+take 1 bit per position of the dense shape (at 0.5% density and an ITOP rate under 1.5%
+the set is the smaller).
 """
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsekern._checks import check_int
+from sparsekern.dst import growth
+from sparsekern.dst.capture import Tap
 from sparsekern.dst.rebuild import active_positions, permute_optimizer_state, update_topology
+from sparsekern.dst.selection import (NonFiniteScores, is_update, pick_drop, rigl_grow, sample_free,  # noqa: F401
+                                      scheduled_fraction, top_k_stable)
 from sparsekern.nn import SparseConv2d, SparseLinear
+from sparsekern.sampling import is_member, merge_sorted
 
 SCHEDULES = ("cosine", "constant")
-
-
-def scheduled_fraction(step: int, total_steps: int, drop_fraction: float, schedule: str, stop_at: float) -> float:
-    """Fraction of nnz rewired at ``step``: cosine decay (or constant) to ``stop_at * total_steps``, then 0."""
-    end = stop_at * total_steps
-    if step > end:
-        return 0.0
-    if schedule == "constant":
-        return drop_fraction
-    return drop_fraction / 2 * (1 + math.cos(math.pi * step / end))
-
-
-def is_update(step: int, update_every: int, total_steps: int, stop_at: float) -> bool:
-    return step > 0 and step % update_every == 0 and step <= stop_at * total_steps
-
-
-class NonFiniteScores(ValueError):
-    """Every score of a layer is NaN or +-Inf: there is no ranking to rewire it by.
-
-    Raised by :func:`pick_drop` and :func:`rigl_grow`; the engine (and the
-    masked-dense reference) then skip that layer's update and record why.
-    """
-
-
-def top_k_stable(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = None) -> torch.Tensor:
-    """Positions (int64, ascending) of the k largest entries of a 1-D float ``scores``, exact ties
-    going to the lower position: the same set as the first k of a stable descending sort.
-
-    Non-finite scores (NaN, +Inf, -Inf) rank below every finite one, among themselves by
-    position: they are taken only when fewer than k finite entries are eligible. ``eligible``
-    (bool, like ``scores``) excludes the False positions altogether; with fewer than k
-    eligible positions, all of them are returned.
-
-    A strided sample bounds the k-th largest value from below; among the entries above
-    that bound, ``kthvalue`` finds it exactly. (4096x4096 layer, k = 3% of it: 2.2 s for
-    the full stable sort, a few tens of ms here.)
-    """
-    n = scores.numel()
-    if k <= 0:
-        return torch.empty(0, dtype=torch.int64)
-    ok = torch.isfinite(scores)
-    if eligible is not None:
-        ok &= eligible
-    n_ok = int(ok.sum())
-    if n_ok <= k:                       # every finite eligible entry, then non-finite ones by position
-        if n_ok == n:
-            return torch.arange(n)
-        rest = ~ok if eligible is None else eligible & ~ok
-        chosen = torch.cat([torch.nonzero(ok).flatten(), torch.nonzero(rest).flatten()[: k - n_ok]])
-        return torch.sort(chosen).values
-    if n_ok < n:                        # the k-th largest is finite: -inf entries can no longer win
-        scores = scores.masked_fill(~ok, -float("inf"))
-    idx = None
-    if n > (1 << 16):
-        sample = torch.sort(scores[:: n // (1 << 15)], descending=True).values
-        j = min(sample.numel() - 1, int(sample.numel() * k / n * 1.2) + 64)
-        idx = torch.nonzero(scores >= sample[j]).flatten()
-        if idx.numel() < k:
-            idx = None
-    if idx is None:
-        idx = torch.arange(n)
-    vals = scores[idx]
-    v = torch.kthvalue(vals, vals.numel() - k + 1).values          # the k-th largest
-    above = idx[vals > v]
-    tied = idx[vals == v][: k - above.numel()]
-    return torch.sort(torch.cat([above, tied])).values
-
-
-def pick_drop(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (ascending) of the k entries to drop: every non-finite magnitude first (a NaN/Inf
-    weight is never kept ahead of a finite one; earlier storage order first), then the smallest
-    finite magnitudes (stable: earlier storage order first).
-
-    Raises :class:`NonFiniteScores` when no magnitude is finite (and k > 0).
-    """
-    if k <= 0:
-        return torch.empty(0, dtype=torch.int64)
-    bad = torch.nonzero(~torch.isfinite(magnitude)).flatten()
-    if bad.numel() == magnitude.numel():
-        raise NonFiniteScores("every weight magnitude is NaN or Inf")
-    if bad.numel() >= k:
-        return bad[:k]
-    # top_k_stable ranks the non-finite entries last, so with k - len(bad) < finite count none is taken twice
-    return torch.sort(torch.cat([bad, top_k_stable(-magnitude, k - bad.numel())])).values
-
-
-def sample_free(free: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k distinct positions drawn uniformly from the True entries of the bool [n] ``free``
-    (rejection sampling in draw order, so it is cheap when most positions are free)."""
-    n = free.numel()
-    avail = free.clone()
-    out = []
-    need = k
-    while need > 0:
-        if not bool(avail.any()):
-            raise ValueError(f"only {k - need} free positions for {k} growths")
-        draw = torch.randint(n, (max(2 * need, 64),), generator=generator)
-        draw = draw[avail[draw]]
-        uniq, inv = torch.unique(draw, return_inverse=True)
-        first = torch.full((uniq.numel(),), draw.numel(), dtype=torch.int64)
-        first.scatter_reduce_(0, inv, torch.arange(draw.numel()), "amin")
-        take = draw[torch.sort(first).values][:need]
-        avail[take] = False
-        out.append(take)
-        need -= take.numel()
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.int64)
 
 
 class DSTEngine:
@@ -175,11 +84,19 @@ class DSTEngine:
         schedule: "cosine" (decay to 0 at stop_at) or "constant".
         stop_at: fraction of total_steps after which the topology is frozen, in (0, 1].
         seed: seeds the engine's random stream (random growth, tie-breaking).
+        growth_memory: RigL only: bytes for one tile of the growth scores, per layer (an int for
+            every layer, or a dict by layer name; default: ``growth.GROWTH_BUDGET_FACTOR`` x the
+            layer's stored value bytes, at least one block row). ``ValueError`` if it cannot
+            hold one block row of a layer.
+        ddp_scores: RigL under torch.distributed: "gather" (all-gather the captured activations),
+            "reduce" (all-reduce the gradient tile by tile) or "auto" (per layer, whichever moves
+            fewer bytes). See :mod:`sparsekern.dst.growth`.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int,
                  update_every: int = 100, drop_fraction: float = 0.3, schedule: str = "cosine",
-                 stop_at: float = 0.75, seed: int = 0):
+                 stop_at: float = 0.75, seed: int = 0, growth_memory: int | dict | None = None,
+                 ddp_scores: str = "auto"):
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
         if not isinstance(update_every, int) or update_every < 1:
@@ -190,6 +107,8 @@ class DSTEngine:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not 0.0 < stop_at <= 1.0:
             raise ValueError(f"stop_at must be in (0, 1], got {stop_at!r}")
+        if ddp_scores not in growth.DDP_MODES:
+            raise ValueError(f"ddp_scores must be one of {growth.DDP_MODES}, got {ddp_scores!r}")
         self.layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseConv2d))]
         if not self.layers:
             raise ValueError("the model has no SparseLinear/SparseConv2d layers; call sparsekern.sparsify first")
@@ -207,12 +126,32 @@ class DSTEngine:
         self.extra_updates: dict[int, float] = {}
         self.freeze_from: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
-        self.ever_active = {n: self._blank(m).index_fill_(0, active_positions(m.topology).cpu(), True)
-                            for n, m in self.layers}
+        self.ddp_scores = ddp_scores
+        self.tile_rows = self._tile_rows(growth_memory)
+        self.ever_active = {n: active_positions(m.topology).clone() for n, m in self.layers}   # ascending
         self.history: list[dict] = []
-        self._hooks: list = []
-        self._captured: dict[str, dict] = {}
+        self._taps: dict[str, Tap] = {}
+        for n, m in self.layers:
+            self._taps[n] = m._dst_tap = Tap()
         self._arm_if_next_updates()
+
+    def _tile_rows(self, growth_memory) -> dict[str, int]:
+        """Block rows per growth tile of every layer (checked now, so a budget too small fails here)."""
+        if not self._needs_gradient():
+            return {}
+        if isinstance(growth_memory, Mapping):
+            unknown = sorted(set(growth_memory) - {n for n, _ in self.layers})
+            if unknown:
+                raise ValueError(f"growth_memory names layers {unknown} that are not sparse layers of the model")
+        rows = {}
+        for n, m in self.layers:
+            budget = growth_memory.get(n) if isinstance(growth_memory, Mapping) else growth_memory
+            if budget is None:
+                budget = growth.default_budget(m)
+            elif isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+                raise ValueError(f"growth_memory for layer {n!r} must be a positive int (bytes), got {budget!r}")
+            rows[n] = growth.tile_rows(m, budget, n)
+        return rows
 
     # ------------------------------------------------------------ schedule
     def fraction_at(self, step: int) -> float:
@@ -270,27 +209,29 @@ class DSTEngine:
                 continue
             values = topo.values.detach()
             magnitude = values.abs() if values.dim() == 1 else values.reshape(nnzb, -1).norm(dim=1)
-            drop = torch.zeros(nnzb, dtype=torch.bool)
-            lin = active_positions(topo).cpu()                      # ascending
+            drop = torch.zeros(nnzb, dtype=torch.bool, device=values.device)
+            lin = active_positions(topo)                            # ascending, on the weights' device
             try:
-                drop[pick_drop(magnitude.cpu(), k)] = True
-                grow = self.grow_positions(name, m, lin[~drop], R * C, k)
+                drop[pick_drop(magnitude, k)] = True
+                grow = self.grow_positions(name, m, lin[~drop], R * C, k).to(lin.device)
             except NonFiniteScores as exc:                          # nothing has been changed yet
                 record["layers"][name] = {"pruned": 0, "grown": 0, "regrown": 0, "skipped": str(exc)}
                 continue
             dropped = lin[drop]                                     # ascending
-            at = torch.searchsorted(dropped, grow).clamp_(max=dropped.numel() - 1)
-            regrown = int((dropped[at] == grow).sum())
-            src = update_topology(topo, drop.to(topo.values.device), grow.to(topo.values.device), lin)
+            regrown = int(is_member(dropped, grow).sum())
+            src = update_topology(topo, drop, grow, lin)
             permute_optimizer_state(self.optimizer, topo.values, src)
-            self.ever_active[name][grow] = True
+            ever = self.ever_active[name].to(grow.device)          # a loaded state may sit on the CPU
+            fresh = torch.sort(grow).values
+            self.ever_active[name] = merge_sorted(ever, fresh[~is_member(ever, fresh)])
             record["layers"][name] = {"pruned": k, "grown": k, "regrown": regrown,
                                       "ms": (time.perf_counter() - t0) * 1e3}
         self.history.append(record)
         self._disarm()
 
     def grow_positions(self, name: str, module: nn.Module, kept: torch.Tensor, n: int, k: int) -> torch.Tensor:
-        """int64 [k] block positions in [0, n) to grow, none of them in ``kept`` (int64, ascending)."""
+        """int64 [k] block positions in [0, n) to grow, none of them in ``kept`` (int64, ascending,
+        on the weights' device)."""
         raise NotImplementedError
 
     # -------------------------------------------------- gradient capture
@@ -298,56 +239,41 @@ class DSTEngine:
         return False
 
     def _arm_if_next_updates(self) -> None:
-        if self._needs_gradient() and self.is_update_step(self.step_count + 1) and not self._hooks:
-            for name, m in self.layers:
-                self._hooks.append(m.register_forward_hook(self._capture(name)))
-
-    def _capture(self, name):
-        def hook(module, inputs, output):
-            entry = self._captured.setdefault(name, {})
-            entry["x"] = inputs[0].detach()
-            if output.requires_grad:
-                output.register_hook(lambda g: entry.__setitem__("dy", g.detach()))
-        return hook
+        if self._needs_gradient() and self.is_update_step(self.step_count + 1):
+            for tap in self._taps.values():
+                if not tap.armed:
+                    tap.reset(armed=True)
 
     def _disarm(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        self._captured.clear()
+        for tap in self._taps.values():
+            tap.reset(armed=False)
 
-    def dense_gradient(self, name: str, module: nn.Module) -> torch.Tensor:
-        """Dense dL/dW [out, in] (block-aligned 2-D view for conv) of the captured batch."""
-        cap = self._captured.get(name, {})
-        if "x" not in cap or "dy" not in cap:
+    def captured_pairs(self, name: str) -> list:
+        """The (x, dy) pairs captured for layer ``name`` in this step, or a ``RuntimeError``."""
+        pairs = self._taps[name].pairs
+        if not pairs:
             raise RuntimeError(f"no captured input/gradient for layer {name!r} on update step "
                                f"{self.step_count}: call dst.step() once per step, after a forward and "
                                f"backward through the model")
-        x, dy = cap["x"], cap["dy"]
-        if isinstance(module, SparseLinear):
-            g = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        else:
-            kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups = module.geometry
-            if x.dim() == 3:
-                x, dy = x.unsqueeze(0), dy.unsqueeze(0)
-            xp = F.pad(x, (pl, pr, pt, pb))
-            g = torch.nn.grad.conv2d_weight(xp, module.weight_shape, dy, (sh, sw), 0, (dh, dw), groups)
-            g = g.reshape(module.weight_shape_2d)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(g)
-        return g
+        return pairs
+
+    def dense_gradient(self, name: str, module: nn.Module) -> torch.Tensor:
+        """Dense dL/dW [out, in] (block-aligned 2-D view for conv) of the captured step, summed over its
+        micro-batches, this rank's only: for inspection and tests. The engine never forms it
+        (it scores tiles: :mod:`sparsekern.dst.growth`)."""
+        pairs = growth.prepared_pairs(module, self.captured_pairs(name))
+        R = module.topology.shape[0] // module.topology.block_size
+        return growth.gradient_rows(module, pairs, 0, R)
 
     # --------------------------------------------------------- diagnostics
-    @staticmethod
-    def _blank(m) -> torch.Tensor:
+    def _positions(self, m) -> int:
         topo = m.topology
-        return torch.zeros((topo.shape[0] // topo.block_size) * (topo.shape[1] // topo.block_size),
-                           dtype=torch.bool)
+        return (topo.shape[0] // topo.block_size) * (topo.shape[1] // topo.block_size)
 
     def itop_rate(self) -> float:
         """In-time over-parameterisation: fraction of all (block) positions ever active."""
-        ever = sum(int(v.sum()) for v in self.ever_active.values())
-        return ever / sum(v.numel() for v in self.ever_active.values())
+        ever = sum(v.numel() for v in self.ever_active.values())
+        return ever / max(1, sum(self._positions(m) for _, m in self.layers))
 
     def diagnostics(self) -> dict:
         """Per-layer density, ITOP rate, gradient norm of the values, the last update's counts
@@ -359,7 +285,7 @@ class DSTEngine:
             g = m.topology.values.grad
             out["layers"][n] = {
                 "density": m.topology.density,
-                "itop_rate": float(self.ever_active[n].float().mean()),
+                "itop_rate": self.ever_active[n].numel() / max(1, self._positions(m)),
                 "grad_norm": None if g is None else float(g.norm()),
                 "skipped_updates": sum("skipped" in h["layers"].get(n, {}) for h in self.history),
                 **last.get(n, {"pruned": 0, "grown": 0}),
@@ -422,11 +348,8 @@ class DSTEngine:
             raise ValueError(f"DST state 'ever_active' has layers "
                              f"{sorted(ever) if isinstance(ever, Mapping) else type(ever).__name__}, "
                              f"the model has layers {sorted(self.ever_active)}")
-        for n, v in ever.items():
-            if not isinstance(v, torch.Tensor) or v.shape != self.ever_active[n].shape or v.dtype != torch.bool:
-                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"DST state ever_active[{n!r}] is {got}, expected "
-                                 f"bool {tuple(self.ever_active[n].shape)}")
+        mods = dict(self.layers)
+        ever_sets = {n: _ever_active_set(v, n, self._positions(mods[n])) for n, v in ever.items()}
         step = _state_int(state["step"], "step")
         rng = state["rng"]
         try:
@@ -450,9 +373,26 @@ class DSTEngine:
         freeze_from = state.get("freeze_from")
         if freeze_from is not None:
             freeze_from = _state_int(freeze_from, "freeze_from")
-        return {"step": step, "rng": rng.clone(), "ever_active": {n: v.clone() for n, v in ever.items()},
+        return {"step": step, "rng": rng.clone(), "ever_active": ever_sets,
                 "history": copy.deepcopy(list(history)), "extra_updates": extra_updates,
                 "freeze_from": freeze_from}
+
+
+def _ever_active_set(v, name: str, n: int) -> torch.Tensor:
+    """A state's ever-active positions of a layer of ``n`` positions as a fresh ascending int64 set:
+    the set itself (int64, 1-D, strictly increasing, in [0, n)) or a bool [n] mask (states saved
+    before the set); anything else is a ``ValueError`` naming it."""
+    want = f"expected ascending unique int64 positions in [0, {n}) (or a bool [{n}] mask)"
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"DST state ever_active[{name!r}] is {type(v).__name__}, {want}")
+    if v.dtype == torch.bool and v.shape == (n,):
+        return torch.nonzero(v).flatten()
+    ok = v.dtype == torch.int64 and v.dim() == 1
+    if ok and v.numel():
+        ok = int(v[0]) >= 0 and int(v[-1]) < n and bool((v[1:] > v[:-1]).all())
+    if not ok:
+        raise ValueError(f"DST state ever_active[{name!r}] is {v.dtype} {tuple(v.shape)}, {want}")
+    return v.clone()
 
 
 def _state_int(value, name: str) -> int:
@@ -480,9 +420,7 @@ class SET(DSTEngine):
     """Sparse Evolutionary Training (Mocanu et al., 2018): drop by magnitude, grow at random."""
 
     def grow_positions(self, name, module, kept, n, k):
-        free = torch.ones(n, dtype=torch.bool)
-        free[kept] = False
-        return sample_free(free, k, self.generator)
+        return sample_free(n, kept, k, self.generator)
 
 
 class RigL(DSTEngine):
@@ -494,22 +432,4 @@ class RigL(DSTEngine):
         return True
 
     def grow_positions(self, name, module, kept, n, k):
-        g = self.dense_gradient(name, module)
-        b = module.topology.block_size
-        R, C = g.shape[0] // b, g.shape[1] // b
-        block = g.abs_() if b == 1 else g.reshape(R, b, C, b).pow(2).sum((1, 3)).sqrt()
-        return rigl_grow(block.flatten().cpu(), kept, k)
-
-
-def rigl_grow(grad_magnitude: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
-    """The k positions (int64, ascending) outside ``kept`` (int64 positions) with the largest
-    float [n] ``grad_magnitude`` (ties: lower position first). NaN/Inf scores rank below every
-    finite one and are grown only when fewer than k finite free positions remain.
-
-    Raises :class:`NonFiniteScores` when no score of the layer is finite (and k > 0).
-    """
-    if k > 0 and not bool(torch.isfinite(grad_magnitude).any()):
-        raise NonFiniteScores("every dense-gradient score is NaN or Inf")
-    free = torch.ones(grad_magnitude.numel(), dtype=torch.bool)
-    free[kept] = False
-    return top_k_stable(grad_magnitude, k, eligible=free)
+        return growth.grow_top_k(module, self.captured_pairs(name), kept, k, self.tile_rows[name], self.ddp_scores)

@@ -1,15 +1,16 @@
 """In-place topology surgery: drop and grow entries of a CSR/BSR topology at a fixed nnz.
 
 Everything is rewritten into the tensors that already exist (``row_offsets``,
-``col_indices``, the transpose metadata and ``values`` keep their storage), so
-modules, optimizers and compiled graphs that hold them stay valid. Positions
+``col_indices``, the transpose metadata and ``values`` keep their storage, written by
+:meth:`SparseTopology.assign_`), so modules, optimizers and compiled graphs that hold them
+stay valid. Every temporary is O(nnz + rows + cols): nothing of the dense shape. Positions
 are in *block* coordinates (b = 1 for CSR): ``linear = row * C + col``.
 """
 from __future__ import annotations
 
 import torch
 
-from sparsekern.formats import SparseTopology, count_per_index, row_ids, transpose_metadata
+from sparsekern.formats import SparseTopology, count_per_index, row_ids
 
 
 def active_positions(topo: SparseTopology) -> torch.Tensor:
@@ -59,20 +60,10 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
     src = src[order]
     if new_lin.numel() > 1 and bool((new_lin[1:] == new_lin[:-1]).any()):
         raise ValueError("grow contains a position that is still active (or repeats one)")
-    rows = new_lin // C
-    counts = count_per_index(rows, R)
-    topo.row_offsets[0] = 0
-    topo.row_offsets[1:].copy_(torch.cumsum(counts, 0))
-    topo.col_indices.copy_(new_lin % C)
-    values = topo.values.data
-    values.copy_(_moved(values, src))
-    t_offsets, t_indices, t_perm = transpose_metadata(topo.row_offsets, topo.col_indices, C)
-    topo.t_offsets.copy_(t_offsets)
-    topo.t_indices.copy_(t_indices)
-    topo.t_perm.copy_(t_perm)
-    if topo.values.is_cuda:   # valid by construction: spare the GPU kernels a re-validation
-        from sparsekern.gpu import schedule
-        schedule.mark_validated(topo.values, *topo.topology())
+    counts = count_per_index(new_lin // C, R)
+    row_offsets = torch.zeros_like(topo.row_offsets)
+    row_offsets[1:] = torch.cumsum(counts, 0)
+    topo.assign_(row_offsets, new_lin % C, _moved(topo.values.data, src), trusted=True)
     return src
 
 

@@ -6,7 +6,8 @@ rigl-torch and sparse_learning do. It makes the same choices as
 :mod:`sparsekern.dst.engine` in the same order (same schedule, stable
 magnitude drop in row-major position order, same random stream per layer, RigL
 scores from the unmasked dense gradient, ties to the lower position, NaN/Inf ranked
-last and all-NaN/Inf layers skipped: the selection functions are the engine's own), so
+last and all-NaN/Inf layers skipped: the selection functions are the engine's own,
+:mod:`sparsekern.dst.selection`; RigL here scores the whole dense gradient as one tile), so
 with equal data and seed both must arrive at identical topologies. Masked entries are
 set to exactly 0 (not multiplied by 0, which would keep a NaN). CSR (unstructured) layers only.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.dst.engine import NonFiniteScores, is_update, pick_drop, rigl_grow, sample_free, scheduled_fraction
+from sparsekern.dst.selection import NonFiniteScores, is_update, pick_drop, rigl_grow, sample_free, scheduled_fraction
 
 METHODS = ("set", "rigl")
 
@@ -73,14 +74,14 @@ class MaskedDenseDST:
                     continue
                 w = m.weight.reshape(mask.shape[0], -1).flatten()
                 try:
-                    dropped = active[pick_drop(w[active].abs().cpu(), k)]
+                    dropped = active[pick_drop(w[active].abs(), k)]
                     keep = flat.clone()
                     keep[dropped] = False
+                    kept = torch.nonzero(keep).flatten()            # ascending
                     if self.method == "set":
-                        grown = sample_free(~keep, k, self.generator)
+                        grown = sample_free(flat.numel(), kept, k, self.generator)
                     else:
-                        grown = rigl_grow(self.dense_grad[n].flatten().abs().cpu(),
-                                          torch.nonzero(keep).flatten(), k)
+                        grown = rigl_grow(self.dense_grad[n].flatten().abs(), kept, k)
                 except NonFiniteScores:                 # the engine skips such a layer too
                     continue
                 new = keep.clone()

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.dst.engine import top_k_stable
-from sparsekern.formats import SparseTopology, count_per_index, row_ids, transpose_metadata
+from sparsekern.dst.selection import top_k_stable
+from sparsekern.formats import count_per_index, row_ids
 from sparsekern.nn import SparseConv2d, SparseLinear
 
 
@@ -52,24 +52,11 @@ def merge_topologies(parts, weights, nnz: int, n_cols: int):
     if nnz > uniq.numel():
         raise ValueError(f"the union has {uniq.numel()} positions, fewer than nnz={nnz}")
     magnitude = summed.abs() if summed.dim() == 1 else summed.reshape(uniq.numel(), -1).norm(dim=1)
-    keep = top_k_stable(magnitude.double().cpu(), nnz).to(uniq.device)   # ascending: sorted output
+    keep = top_k_stable(magnitude.double(), nnz)                   # ascending: sorted output
     pos = uniq[keep]
     offsets = torch.zeros(R + 1, dtype=torch.int32, device=pos.device)
     offsets[1:] = torch.cumsum(count_per_index(pos // n_cols, R), 0)
     return offsets, (pos % n_cols).to(torch.int32), summed[keep]
-
-
-@torch.no_grad()
-def write_topology(topo: SparseTopology, row_offsets, col_indices, values) -> None:
-    """Overwrite ``topo`` in place with a structure of the same nnz (storage is kept)."""
-    if col_indices.numel() != topo.col_indices.numel():
-        raise ValueError(f"new structure has {col_indices.numel()} entries, the topology {topo.col_indices.numel()}")
-    topo.row_offsets.copy_(row_offsets)
-    topo.col_indices.copy_(col_indices)
-    topo.values.data.copy_(values.to(topo.values.dtype))
-    C = topo.shape[1] // topo.block_size
-    for name, t in zip(("t_offsets", "t_indices", "t_perm"), transpose_metadata(row_offsets, col_indices, C)):
-        getattr(topo, name).copy_(t)
 
 
 def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -95,7 +82,7 @@ def superpose(running: nn.Module, ticket: nn.Module, w_running: float, w_ticket:
         C = a.shape[1] // a.block_size
         merged = merge_topologies([(a.row_offsets, a.col_indices, a.values), (b.row_offsets, b.col_indices, b.values)],
                                   [w_running, w_ticket], a.values.shape[0], C)
-        write_topology(a, *merged)
+        a.assign_(*merged)
     sparse_params = {id(m.topology.values) for m in rl.values()}
     t_params = dict(ticket.named_parameters())
     for n, p in running.named_parameters():

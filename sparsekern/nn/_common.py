@@ -11,6 +11,7 @@ import torch
 from sparsekern.formats import (_STATE_FIELDS, BSR_BLOCK_SIZES, AtomicLoadMixin, BSRTopology, CSRTopology,
                                 row_ids)
 from sparsekern.nn.weight import SparseWeight
+from sparsekern.sampling import random_structure
 
 LAYOUTS = ("csr", "bsr")
 
@@ -29,6 +30,23 @@ def make_topology(mask, layout, block_size, values=None, dtype=None):
     if layout == "csr":
         return CSRTopology.from_mask(mask, values, dtype=dtype)
     return BSRTopology.from_mask(mask, block_size, values, dtype=dtype)
+
+
+def random_topology(rows: int, cols: int, layout: str, block_size, count: int, dtype, generator=None):
+    """A CSR/BSR [rows, cols] topology of exactly ``count`` uniformly random (block) positions, zero
+    values, built in O(count) memory: no dense mask (:func:`sparsekern.sampling.random_structure`)."""
+    b = block_of(layout, block_size)
+    row_offsets, col_indices = random_structure(rows // b, cols // b, count, generator)
+    if layout == "csr":
+        return CSRTopology((rows, cols), row_offsets, col_indices, torch.zeros(count, dtype=dtype))
+    return BSRTopology((rows, cols), row_offsets, col_indices, torch.zeros(count, b, b, dtype=dtype), b)
+
+
+def block_count(rows: int, cols: int, block_size: int, density) -> int:
+    """round(density * blocks) for a density in [0, 1] (``ValueError`` naming it otherwise)."""
+    if density is None or isinstance(density, bool) or not 0.0 <= density <= 1.0 or math.isnan(density):
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return int(round(density * (rows // block_size) * (cols // block_size)))
 
 
 def magnitude_mask(w: torch.Tensor, density: float, block_size: int = 1) -> torch.Tensor:
@@ -57,6 +75,8 @@ def rename_legacy_keys(state_dict, prefix: str = "") -> None:
 
 
 class SparseWeightMixin(AtomicLoadMixin):
+    _dst_tap = None          # a sparsekern.dst.capture.Tap while a RigL engine trains the layer
+
     """For modules holding ``self.topology`` (a CSR/BSR topology) and ``self.bias``.
 
     ``weight`` is a :class:`~sparsekern.nn.weight.SparseWeight`, a tensor view of the
@@ -124,10 +144,18 @@ class SparseWeightMixin(AtomicLoadMixin):
         if rows % b or cols % b:
             raise ValueError(f"{names} = ({rows}, {cols}) must be multiples of block_size={b}")
         dtype = dtype or torch.get_default_dtype()
-        mask = random_mask(rows, cols, b, density=density, generator=generator)
-        self.topology = make_topology(mask, layout, block_size, dtype=dtype).to(device)
+        count = block_count(rows, cols, b, density)
+        self.topology = random_topology(rows, cols, layout, block_size, count, dtype, generator).to(device)
         self.bias = torch.nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if bias else None
         self.reset_parameters(generator)
+
+    def _tapped(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y``, after showing (x, y) to the DST engine's tap when it is armed (see
+        :mod:`sparsekern.dst.capture`)."""
+        tap = self._dst_tap
+        if tap is not None and tap.armed:
+            tap(x, y)
+        return y
 
     def fan_in(self) -> torch.Tensor:
         """Actual nonzero fan-in of every output neuron / channel, int64 [out]."""
@@ -187,15 +215,13 @@ def block_of(layout, block_size):
 def random_mask(rows: int, cols: int, block_size: int = 1, *, density: float | None = None,
                 count: int | None = None, generator=None) -> torch.Tensor:
     """Bool [rows, cols] of uniformly random b x b blocks: exactly ``count`` blocks,
-    or round(density * blocks)."""
+    or round(density * blocks). The same draw as :func:`random_topology` (for a model that is
+    dense already: ``sparsify``); a new layer never builds this mask."""
     b = block_size
-    total = (rows // b) * (cols // b)
+    R, C = rows // b, cols // b
     if count is None:
-        if density is None or not 0.0 <= density <= 1.0 or math.isnan(density):
-            raise ValueError(f"density must be in [0, 1], got {density}")
-        count = int(round(density * total))
-    if not 0 <= count <= total:
-        raise ValueError(f"count must be in [0, {total}], got {count}")
-    flat = torch.zeros(total, dtype=torch.bool)
-    flat[torch.randperm(total, generator=generator)[:count]] = True
-    return flat.reshape(rows // b, cols // b).repeat_interleave(b, 0).repeat_interleave(b, 1)
+        count = block_count(rows, cols, b, density)
+    row_offsets, col_indices = random_structure(R, C, count, generator)
+    flat = torch.zeros(R * C, dtype=torch.bool)
+    flat[row_ids(row_offsets, count) * C + col_indices.long()] = True
+    return flat.reshape(R, C).repeat_interleave(b, 0).repeat_interleave(b, 1)

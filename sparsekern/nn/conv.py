@@ -142,7 +142,7 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         return self.topology.mask().reshape(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_conv2d(x, self.topology, self.geometry, self.bias, self.backend)
+        return self._tapped(x, sparse_conv2d(x, self.topology, self.geometry, self.bias, self.backend))
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

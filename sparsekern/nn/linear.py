@@ -98,7 +98,7 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         return self.topology.mask()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.topology, self.bias, self.backend)
+        return self._tapped(x, sparse_linear(x, self.topology, self.bias, self.backend))
 
     def extra_repr(self) -> str:
         bs = f", block_size={self.topology.block_size}" if self.topology.layout == "bsr" else ""
