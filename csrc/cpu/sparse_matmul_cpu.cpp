@@ -285,7 +285,9 @@ void check_cpu(const at::Tensor& t, const char* name) {
 // [..., F] -> [prod(...), F] (a view when possible), and the output shape [..., G].
 at::Tensor flatten_lead(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() >= 1, name, " must have shape [..., features], got a 0-d tensor");
-  return t.reshape({-1, t.size(-1)});
+  int64_t lead = 1;  // explicit: reshape(-1, 0) is ambiguous for zero features
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) lead *= t.size(d);
+  return t.reshape({lead, t.size(-1)});
 }
 
 std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
