@@ -39,7 +39,8 @@ from torch import nn
 
 from sparsekern.budget import LayerShape, allocate
 from sparsekern.nn import SparseConv1D, SparseConv2d, SparseLinear, SparseMultiheadAttention
-from sparsekern.nn._common import check_layout, random_mask
+from sparsekern.nn._common import check_layout
+from sparsekern.sampling import random_structure
 from sparsekern.nn.attention import dense_projections
 from sparsekern.nn.conv1d import is_hf_conv1d
 
@@ -330,9 +331,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", *,
                                              in_budget=u.name not in reason and u.name not in densities))
             continue
         b = block_size if layouts[u.name] == "bsr" else 1
-        mask = random_mask(s.out, s.inp * s.kh * s.kw, b, count=counts[u.name] // (b * b), generator=generator)
-        sm = _convert(u, mask.to(u.source.weight.device), layouts[u.name],
-                      block_size if layouts[u.name] == "bsr" else None, backend)
+        structure = random_structure(s.out // b, s.inp * s.kh * s.kw // b, counts[u.name] // (b * b), generator)
+        sm = _convert(u, structure, layouts[u.name], block_size if layouts[u.name] == "bsr" else None, backend)
         if init == "fanin":
             sm.init_fanin_normal(init_scale, generator)
         if u.parent is not None:
@@ -351,13 +351,11 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", *,
     return report
 
 
-def _convert(u: _Unit, mask: torch.Tensor, layout: str, block_size, backend) -> nn.Module:
-    """The sparse twin of ``u.source`` keeping exactly ``mask`` (bool [rows, cols] of the stored matrix)."""
-    if u.kind == "Conv1D":
-        return SparseConv1D.from_dense(u.source, mask=mask.t(), layout=layout, block_size=block_size,
-                                       backend=backend)
-    cls = SparseConv2d if u.kind == "Conv2d" else SparseLinear
-    return cls.from_dense(u.source, mask=mask, layout=layout, block_size=block_size, backend=backend)
+def _convert(u: _Unit, structure, layout: str, block_size, backend) -> nn.Module:
+    """The sparse twin of ``u.source`` keeping exactly ``structure`` ((row_offsets, col_indices) of
+    its [out, in] matrix, block units for BSR; for a Conv1D, of W^T): O(nnz), no mask."""
+    cls = {"Conv1D": SparseConv1D, "Conv2d": SparseConv2d}.get(u.kind, SparseLinear)
+    return cls.from_dense(u.source, structure=structure, layout=layout, block_size=block_size, backend=backend)
 
 
 def _replace(model: nn.Module, new: dict[int, nn.Module]) -> None:

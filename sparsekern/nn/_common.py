@@ -32,6 +32,29 @@ def make_topology(mask, layout, block_size, values=None, dtype=None):
     return BSRTopology.from_mask(mask, block_size, values, dtype=dtype)
 
 
+def structure_topology(structure, w: torch.Tensor, layout: str, block_size):
+    """A CSR/BSR topology over ``structure`` = (row_offsets int32 [R + 1], col_indices int32
+    [nnz], in block units for BSR), its values gathered from the dense [out, in] ``w``: O(nnz)
+    memory, no mask (``sparsify`` builds every layer this way from a drawn structure)."""
+    if not (isinstance(structure, (tuple, list)) and len(structure) == 2
+            and all(isinstance(t, torch.Tensor) for t in structure)):
+        raise TypeError("structure must be a (row_offsets, col_indices) pair of int32 tensors")
+    row_offsets, col_indices = (t.to(w.device) for t in structure)
+    b = block_of(layout, block_size)
+    R, C = w.shape[0] // b, w.shape[1] // b
+    if row_offsets.dim() != 1 or row_offsets.numel() != R + 1:
+        raise ValueError(f"structure: row_offsets has shape {tuple(row_offsets.shape)}, expected ({R + 1},) "
+                         f"for a [{w.shape[0]}, {w.shape[1]}] weight" + (f" in {b}x{b} blocks" if b > 1 else ""))
+    if col_indices.numel() and (int(col_indices.min()) < 0 or int(col_indices.max()) >= C):
+        raise ValueError(f"structure: col_indices must be in [0, {C}), got [{int(col_indices.min())}, "
+                         f"{int(col_indices.max())}]")
+    rows, cols = row_ids(row_offsets, col_indices.numel()).long(), col_indices.long()
+    if layout == "csr":
+        return CSRTopology(tuple(w.shape), row_offsets, col_indices, w[rows, cols].clone())
+    return BSRTopology(tuple(w.shape), row_offsets, col_indices,
+                       w.reshape(R, b, C, b)[rows, :, cols, :].contiguous(), b)
+
+
 def random_topology(rows: int, cols: int, layout: str, block_size, count: int, dtype, generator=None):
     """A CSR/BSR [rows, cols] topology of exactly ``count`` uniformly random (block) positions, zero
     values, built in O(count) memory: no dense mask (:func:`sparsekern.sampling.random_structure`)."""

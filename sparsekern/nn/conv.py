@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from sparsekern._checks import check_int
-from sparsekern.nn._common import SparseWeightMixin, block_of, check_layout, magnitude_mask, make_topology
+from sparsekern.nn._common import (SparseWeightMixin, block_of, check_layout, magnitude_mask, make_topology,
+                                   structure_topology)
 from sparsekern.ops.conv import _pair, conv_geometry, sparse_conv2d
 
 
@@ -23,7 +24,8 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         layout: "csr" (unstructured) or "bsr" (square blocks).
         block_size: BSR block size in {4, 8, 16, 32, 64}; must divide
             out_channels and in_channels/groups * kh * kw.
-        device, dtype: of the values and bias (float32/float64 run on the CPU kernels).
+        device, dtype: of the values and bias (float32, float64, bfloat16, float16 run on the CPU
+            kernels; bf16/fp16 accumulate in fp32).
         backend: "auto", "cpu" or "reference" (see :mod:`sparsekern.ops.dispatch`).
         generator: optional ``torch.Generator`` for the topology and the init.
 
@@ -83,21 +85,26 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, density: float | None = None,
-                   layout: str = "csr", block_size: int | None = None, backend: str = "auto"):
+                   layout: str = "csr", block_size: int | None = None, backend: str = "auto", *,
+                   structure=None):
         """Sparse copy of ``conv`` (same geometry, weights and bias).
 
         Exactly one of ``mask`` (bool [out, in/groups, kh, kw] or its 2-D view
         [out, in/groups*kh*kw]: keep exactly its True positions, or for BSR
-        every block containing one) and ``density`` (keep the largest-magnitude
-        weights, or blocks by L2 norm for BSR) is given.
+        every block containing one), ``density`` (keep the largest-magnitude
+        weights, or blocks by L2 norm for BSR) and ``structure`` ((row_offsets,
+        col_indices) int32 of the 2-D view, block units for BSR: kept as is, O(nnz),
+        no mask) is given.
         """
         check_layout(layout, block_size)
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if (mask is None) == (density is None):
-            raise ValueError("give exactly one of mask= or density=")
+        if sum(a is not None for a in (mask, density, structure)) != 1:
+            raise ValueError("give exactly one of mask=, density= or structure=")
         shape_2d = (conv.out_channels, conv.weight.shape[1:].numel())
         w = conv.weight.detach().reshape(shape_2d)
+        if structure is not None:
+            return cls.from_topology(conv, structure_topology(structure, w, layout, block_size), backend)
         if mask is None:
             mask = magnitude_mask(w, density, block_of(layout, block_size))
         else:

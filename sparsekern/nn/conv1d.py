@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.nn._common import block_of, check_layout, magnitude_mask, make_topology
+from sparsekern.nn._common import block_of, check_layout, magnitude_mask, make_topology, structure_topology
 from sparsekern.nn.linear import SparseLinear
 
 
@@ -45,27 +45,33 @@ class SparseConv1D(SparseLinear):
 
     @classmethod
     def from_dense(cls, conv1d: nn.Module, mask: torch.Tensor | None = None, density: float | None = None,
-                   layout: str = "csr", block_size: int | None = None, backend: str = "auto"):
+                   layout: str = "csr", block_size: int | None = None, backend: str = "auto", *,
+                   structure=None):
         """Sparse copy of an HF ``Conv1D`` (weight float [nx, nf], bias [nf]).
 
         Exactly one of ``mask`` (bool in the Conv1D weight's orientation ``[nx, nf]``: keep
-        exactly its True positions, or for BSR every block of W^T holding one) and
-        ``density`` (keep the largest-magnitude weights, or blocks by L2 norm) is given.
+        exactly its True positions, or for BSR every block of W^T holding one), ``density``
+        (keep the largest-magnitude weights, or blocks by L2 norm) and ``structure``
+        ((row_offsets, col_indices) int32 of W^T [nf, nx], the layer's own orientation,
+        block units for BSR: kept as is, O(nnz), no mask) is given.
         """
         check_layout(layout, block_size)
         w = getattr(conv1d, "weight", None)
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or not hasattr(conv1d, "nf"):
             raise TypeError(f"conv1d must be a transformers Conv1D (weight [nx, nf]), got {type(conv1d).__name__}")
-        if (mask is None) == (density is None):
-            raise ValueError("give exactly one of mask= or density=")
+        if sum(a is not None for a in (mask, density, structure)) != 1:
+            raise ValueError("give exactly one of mask=, density= or structure=")
         wt = w.detach().t()                                          # [nf, nx] = [out, in]
-        if mask is None:
+        if structure is not None:
+            topo = structure_topology(structure, wt, layout, block_size)
+        elif mask is None:
             mask_t = magnitude_mask(wt, density, block_of(layout, block_size))
         elif tuple(mask.shape) != tuple(w.shape):
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the Conv1D weight's {tuple(w.shape)}")
         else:
             mask_t = mask.t()
-        topo = make_topology(mask_t.to(w.device), layout, block_size, values=wt)
+        if structure is None:
+            topo = make_topology(mask_t.to(w.device), layout, block_size, values=wt)
         self = cls.from_topology(topo, conv1d.bias, backend)
         self._dense_cls = type(conv1d)
         return self

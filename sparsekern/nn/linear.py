@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from sparsekern._checks import check_int
-from sparsekern.nn._common import SparseWeightMixin, block_of, check_layout, magnitude_mask, make_topology
+from sparsekern.nn._common import (SparseWeightMixin, block_of, check_layout, magnitude_mask, make_topology,
+                                   structure_topology)
 from sparsekern.ops.dispatch import sparse_linear
 
 
@@ -20,7 +21,8 @@ class SparseLinear(SparseWeightMixin, nn.Module):
             the topology is uniform random with exactly round(density * total).
         layout: "csr" (unstructured) or "bsr" (square blocks).
         block_size: BSR block size in {4, 8, 16, 32, 64}; must divide both features.
-        device, dtype: of the values and bias (float32/float64 run on the CPU kernels).
+        device, dtype: of the values and bias (float32, float64, bfloat16, float16 run on the CPU
+            kernels; bf16/fp16 accumulate in fp32).
         backend: "auto", "cpu" or "reference" (see :mod:`sparsekern.ops.dispatch`).
         generator: optional ``torch.Generator`` for the random topology and init.
 
@@ -64,17 +66,22 @@ class SparseLinear(SparseWeightMixin, nn.Module):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None, density: float | None = None,
-                   layout: str = "csr", block_size: int | None = None, backend: str = "auto"):
+                   layout: str = "csr", block_size: int | None = None, backend: str = "auto", *,
+                   structure=None):
         """Sparse copy of ``linear``.
 
         Exactly one of ``mask`` (bool [out, in]: keep exactly its True positions,
-        or for BSR every block containing one) and ``density`` (keep the
-        largest-magnitude weights, or blocks by L2 norm for BSR) is given.
+        or for BSR every block containing one), ``density`` (keep the
+        largest-magnitude weights, or blocks by L2 norm for BSR) and ``structure``
+        ((row_offsets, col_indices) int32 of [out, in], block units for BSR: kept as
+        is, O(nnz), no mask) is given.
         """
         check_layout(layout, block_size)
-        if (mask is None) == (density is None):
-            raise ValueError("give exactly one of mask= or density=")
+        if sum(a is not None for a in (mask, density, structure)) != 1:
+            raise ValueError("give exactly one of mask=, density= or structure=")
         w = linear.weight.detach()
+        if structure is not None:
+            return cls.from_topology(structure_topology(structure, w, layout, block_size), linear.bias, backend)
         if mask is None:
             mask = magnitude_mask(w, density, block_of(layout, block_size))
         elif mask.shape != w.shape:
