@@ -82,7 +82,7 @@ def ext_required():
 
 def heavy_check_wanted(flag: str) -> bool:
     """Whether a minutes-long script check runs: in CI (``CI=true``) or with ``flag=1``."""
-    return os.environ.get("CI") == "true" or os.environ.get(flag) == "1"
+    return os.environ.get("CI") == "true" or os.environ.get(flag) in ("1", "all")
 
 
 def run_repo_script(*args: str, timeout: int, must_print=()) -> str:
