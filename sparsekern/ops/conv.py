@@ -9,9 +9,13 @@ Which path runs where (see :mod:`sparsekern.ops.backends` for the backends):
 =============  ========  =============================================================
 backend        device    implementation
 =============  ========  =============================================================
-``cpu``        CPU       direct sparse convolution in C++/OpenMP (no im2col): each
-                         nonzero is one broadcast-FMA over a shifted window of the
-                         zero-padded input; dX reads W^T's metadata, dW is per-nonzero
+``cpu``        CPU       C++/OpenMP, two routes chosen per op (csrc/cpu/conv_im2col.h):
+                         direct sparse convolution (each nonzero one broadcast-FMA
+                         over a shifted window of the zero-padded input; dX reads
+                         W^T's metadata, dW is per-nonzero) for large planes, and
+                         for small planes (up to 8x8, or 16x16 at high density*Cout)
+                         the image unfolded by strided views and the linear kernels
+                         (``SPARSEKERN_CPU_CONV_ROUTE=direct|im2col`` forces one)
 ``cuda_cpp``   CUDA      im2col (``F.unfold``) + the linear ops (:mod:`sparsekern.gpu.conv`),
 ``triton``     CUDA      on whichever GPU kernels run the linear ops
 ``reference``  any       ``F.unfold`` + gather/index_add of the nonzeros (tests)
