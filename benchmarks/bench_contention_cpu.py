@@ -29,12 +29,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import base_parser, cpu_slug, machine_meta, write_results  # noqa: E402
+from _bench_common import base_parser, machine_meta, median_ms, write_results  # noqa: E402
 
 import sparsekern as sk  # noqa: E402
 from sparsekern.nn import SparseConv2d, SparseLinear  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 1.3
 SPIN = "import time\nwhile True:\n    pass\n"
 
@@ -69,15 +68,6 @@ def step_fn(module, shape):
     return step
 
 
-def timed(fn, reps: int) -> float:
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
 class Competitors:
     """``n`` busy processes for the duration of a ``with`` block."""
 
@@ -107,8 +97,8 @@ def measure(dense_fn, sparse_fn, rounds: int, reps: int, competitors: int) -> di
             if ctx:
                 ctx.__enter__()
             try:
-                t["dense", load].append(timed(dense_fn, reps))
-                t["sparse", load].append(timed(sparse_fn, reps))
+                t["dense", load].append(median_ms(dense_fn, reps, warmup=0, budget_s=None))
+                t["sparse", load].append(median_ms(sparse_fn, reps, warmup=0, budget_s=None))
             finally:
                 if ctx:
                     ctx.__exit__(None, None, None)
@@ -159,7 +149,7 @@ def plot(rows):
 
 
 def main(argv=None):
-    p = base_parser(__doc__, "one case, 3 rounds", (), None)
+    p = base_parser(__doc__, "one case, 3 rounds", ())
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--competitors", type=int, default=1, help="busy processes in the loaded rounds")
     args = p.parse_args(argv)
@@ -175,8 +165,7 @@ def main(argv=None):
         rows.append({"case": name, **r})
         print(f"{name}: dense x{r['dense_slowdown']:.2f}, sparse x{r['sparse_slowdown']:.2f}, "
               f"relative {r['relative_slowdown']:.2f}", flush=True)
-    out = args.out or RESULTS / cpu_slug()
-    write_results(out, "contention_cpu" + ("_quick" if args.quick else ""), meta, rows, table(meta, rows),
+    write_results(args.out, "contention_cpu" + ("_quick" if args.quick else ""), meta, rows, table(meta, rows),
                   plot(rows))
 
 

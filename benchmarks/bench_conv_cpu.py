@@ -1,4 +1,4 @@
-"""How fast is SparseConv2d on CPU against dense F.conv2d (oneDNN) and torch.sparse?
+"""How fast is SparseConv2d on CPU against dense F.conv2d (oneDNN), torch.sparse and SparseProp?
 
 Times forward, dX, dW and forward+backward of three ResNet convolutions at
 batch 32, float32, densities 0.2, 0.1, 0.05 and 0.02, for CSR and for BSR
@@ -10,9 +10,14 @@ with 16x16 blocks:
 
 against dense ``F.conv2d`` (and its ``torch.nn.grad`` input/weight gradients;
 timed in alternation with sparsekern, run by run) and against ``torch.sparse`` on the same nonzeros (``F.unfold`` then
-``torch.sparse.mm`` with a CSR weight, the only sparse conv torch offers), all
-in one process with the same thread count. Writes
-``benchmarks/results/conv_cpu.{json,md,png}`` and checks the issue's targets
+``torch.sparse.mm`` with a CSR weight, the only sparse conv torch offers) and
+against SparseProp's ``SparseConv2d`` on the same nonzeros (forward and
+forward+backward, CSR only, the faster of its two vectorisations that passed the
+check against dense; ``_sparseprop_peer.py``), all in one process with the same
+thread count. Reports the dense baseline's GFLOP/s and sparsekern's effective
+GFLOP/s (useful FLOPs ``2 * batch * OH*OW * nnz`` of the Cout x Cin*kh*kw weight per
+op) against the dense rate and the register-only FMA peak. Writes
+``benchmarks/results/<cpu>/conv_cpu.{json,md,png}`` and checks the issue's targets
 (3x3 256->256: fwd+bwd >= 3x dense at 90% sparsity, >= 6x at 95%).
 
     python benchmarks/bench_conv_cpu.py            # full suite (~5 min on 2 cores)
@@ -21,7 +26,6 @@ in one process with the same thread count. Writes
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +34,10 @@ from tqdm import tqdm
 import sparsekern as sk
 from sparsekern.ops import library as L
 
-from _bench_common import (base_parser, fmt, machine_meta, median_ms, paired_ms, plot_speedups, ratio,
-                           write_results)
+import _sparseprop_peer as sparseprop_peer
+from _bench_common import (base_parser, fmt, machine_meta, median_ms_each, op_flops, paired_ms, peak_line, peer_cell,
+                           peer_notes, plot_speedups, ratio, throughput, throughput_table, write_results)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("fwd", "dx", "dw", "fwd+bwd")
 # (name, Cin, Cout, kernel, H=W, batch)
 SHAPES = [("3x3 64->64 56x56", 64, 64, 3, 56, 32), ("3x3 256->256 14x14", 256, 256, 3, 14, 32),
@@ -105,18 +109,8 @@ def param_bytes(conv, dense_numel: int) -> dict:
     return {"sparse_bytes": sparse, "dense_bytes": dense, "ratio": sparse / dense}
 
 
-def timed(fns, reps):
-    out = {}
-    for k, f in fns.items():
-        try:
-            out[k] = median_ms(f, reps)
-        except (RuntimeError, NotImplementedError) as exc:   # record, never hide
-            out[k] = None
-            out[k + "_error"] = str(exc).splitlines()[0][:120]
-    return out
-
-
-def run(shapes, layouts, densities, reps, threads):
+def run(shapes, layouts, densities, reps, threads, peak=None):
+    """One row per (shape, layout, density); ``peak``: the FMA peak GFLOP/s (or None)."""
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
     rows = []
@@ -130,10 +124,13 @@ def run(shapes, layouts, densities, reps, threads):
                                    block_size=bs)
             # dense and sparsekern alternate run by run, so machine drift hits both
             dense, ours = paired_ms(dense_f, sparsekern_fns(conv, x, dy), reps)
+            flops = op_flops(conv, x)
             rows.append({"shape": name, "batch": batch, "density": d,
                          "layout": layout if bs is None else f"{layout}{bs}",
                          "dense_ms": dense, "sparsekern_ms": ours,
-                         "torch_sparse_ms": timed(torch_sparse_fns(conv, x, dy), reps),
+                         "torch_sparse_ms": median_ms_each(torch_sparse_fns(conv, x, dy), reps),
+                         "sparseprop": sparseprop_peer.conv(conv, x, dy, reps),
+                         "flops": flops, "throughput": throughput(dense, ours, flops, d, peak),
                          "memory": param_bytes(conv, cout * cin * k * k)})
     return rows
 
@@ -153,21 +150,32 @@ def markdown(rows, meta) -> str:
     out = [f"CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, float32, "
            f"batch 32, NCHW, {meta['date']}. Speedup = baseline time / sparsekern time "
            f"(higher is better); medians of {meta['reps']} runs, dense and sparsekern alternating "
-           f"run by run (torch.sparse: 3 to {meta['reps']} runs).", "",
+           f"run by run (torch.sparse and SparseProp: 3 to {meta['reps']} runs). {peak_line(meta)}", "",
            "| conv | layout | density | fwd vs dense | dX vs dense | dW vs dense | fwd+bwd vs dense "
-           "| ideal | fwd vs torch.sparse | fwd+bwd vs torch.sparse | param memory vs dense |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| ideal | fwd vs torch.sparse | fwd+bwd vs torch.sparse | fwd vs SparseProp | fwd+bwd vs SparseProp "
+           "| param memory vs dense |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, o, t = r["dense_ms"], r["sparsekern_ms"], r["torch_sparse_ms"]
-        out.append(f"| {r['shape']} | {r['layout']} | {r['density']} | "
+        out.append(f"| {' | '.join(case_cells(r))} | "
                    + " | ".join(fmt(ratio(d[k], o[k])) for k in KINDS)
                    + f" | {1 / r['density']:.0f}x | {fmt(ratio(t['fwd'], o['fwd']))} | "
-                     f"{fmt(ratio(t['fwd+bwd'], o['fwd+bwd']))} | {r['memory']['ratio'] * 100:.0f}% |")
+                     f"{fmt(ratio(t['fwd+bwd'], o['fwd+bwd']))} | {peer_cell(r['sparseprop'], o, 'fwd')} | "
+                     f"{peer_cell(r['sparseprop'], o, 'fwd+bwd')} | {r['memory']['ratio'] * 100:.0f}% |")
+    out += ["", *peer_notes(rows, "sparseprop", "SparseProp", lambda r: f"{r['layout']} {r['shape']}"), "",
+            "Throughput: useful FLOPs 2 * batch * OH*OW * nnz per op (fwd, dX, dW; fwd+bwd = 3 ops), dense the same "
+            "with the full Cout x Cin*kh*kw weight; % of dense rate = sparsekern's effective GFLOP/s / dense's "
+            "achieved GFLOP/s; fraction of ideal = speedup / (1 / density).", "",
+            *throughput_table(rows, ["conv", "layout", "density"], case_cells)]
     return "\n".join(out) + "\n\n" + "\n".join(targets(rows)) + "\n"
 
 
+def case_cells(r) -> list[str]:
+    return [r["shape"], r["layout"], str(r["density"])]
+
+
 def main():
-    p = base_parser(__doc__, "3x3 256->256 at 14x14, CSR only", [0.2, 0.1, 0.05, 0.02], RESULTS)
+    p = base_parser(__doc__, "3x3 256->256 at 14x14, CSR only", [0.2, 0.1, 0.05, 0.02])
     a = p.parse_args()
     if not sk.extension_available():
         raise SystemExit("the compiled extension is not built; run `bash scripts/setup.sh` first")
@@ -175,7 +183,7 @@ def main():
     layouts = LAYOUTS[:1] if a.quick else LAYOUTS
     meta = machine_meta(a.threads, a.reps)
     print(f"machine: {meta['cpu']} ({meta['cores']} cores), threads={a.threads}, torch {meta['torch']}")
-    rows = run(shapes, layouts, a.densities, a.reps, a.threads)
+    rows = run(shapes, layouts, a.densities, a.reps, a.threads, meta["fma_peak"]["gflops"])
     md = markdown(rows, meta)
     write_results(a.out, "conv_cpu_quick" if a.quick else "conv_cpu", meta, rows, md,
                   lambda path: plot_speedups(rows, path, lambda r: (r["shape"], r["layout"]),

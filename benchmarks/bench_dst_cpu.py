@@ -1,12 +1,14 @@
 """How fast is a RigL training step with sparsekern against dense and masked-dense RigL?
 
 Trains the same MLP 784->4096->4096->10 (batch 256, float32, SGD with momentum)
-three ways in one process with the same threads, and reports the time per
+four ways in one process with the same threads, and reports the time per
 training step *with the topology updates included*:
 
 * dense: plain ``nn.Linear`` training;
 * masked-dense RigL: dense weights multiplied by masks (rigl-torch style,
   :mod:`sparsekern.dst.reference`);
+* rigl-torch RigL: rigl-torch's own ``RigLScheduler`` on the dense model (masked dense), on
+  the same masks (see ``_rigl_torch_peer.py``; "not installed" without the package);
 * sparsekern RigL: genuinely sparse layers at 90% sparsity (ERK layer densities, RigL's
   default, or ``--distribution uniform``), rewired in place.
 
@@ -14,7 +16,7 @@ It also times one topology update per layer against one forward SpMM of that
 layer (amortised over ``update_every``) and counts parameter-related memory
 (values, indices, transpose, gradient, momentum; dense: weight, gradient,
 momentum, plus the masks for masked-dense). Writes
-``benchmarks/results/dst_cpu.{json,md}``.
+``benchmarks/results/<cpu>/dst_cpu.{json,md}``.
 
     python benchmarks/bench_dst_cpu.py            # ~4 min on 2 cores
     python benchmarks/bench_dst_cpu.py --quick    # 40 steps, an update every 10
@@ -24,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +33,14 @@ from tqdm import tqdm
 
 import sparsekern as sk
 from sparsekern.dst.reference import MaskedDenseDST
+from sparsekern.flops import count_flops
 from sparsekern.models import mlp
 
-from _bench_common import base_parser, machine_meta
+import _rigl_torch_peer as rigl_torch_peer
+from _bench_common import base_parser, fmt_gflops, gflops, machine_meta, pct, peak_line, ratio
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (784, 4096, 4096, 10)
+RIGL_TORCH = "rigl-torch RigL"
 
 
 def batches(n, batch, seed=0):
@@ -103,8 +106,55 @@ def update_cost(engine, model, x, reps=3):
     return out
 
 
+def add_rates(results, step_flops: dict, peak) -> None:
+    """Each run contender's GFLOP/s (dense: ``step_flops["dense"]``, the sparse ones the useful
+    ``step_flops["useful"]``) and its fraction of dense's rate and of the FMA ``peak``."""
+    for name, r in results.items():
+        if r["status"] == "ok":
+            r["step_flops"] = step_flops["dense" if name == "dense" else "useful"]
+            r["gflops"] = gflops(r["step_flops"], r["step_s"] * 1e3)
+    for r in results.values():
+        if r["status"] == "ok":
+            r["frac_of_dense_rate"] = ratio(r["gflops"], results["dense"]["gflops"])
+            r["frac_of_fma_peak"] = ratio(r["gflops"], peak)
+
+
+def step_table(meta, results) -> list[str]:
+    """The step-time table (after ``add_rates``); a contender that did not run (rigl-torch not
+    installed) says why."""
+    d = results["dense"]
+    rows = [f"GFLOP/s: training FLOPs per second (sparsekern.flops: fwd, dX and dW, the first layer without "
+            f"dX; dense counts the full weights, the others the nonzeros only, topology updates left out). "
+            f"{peak_line(meta)}", "",
+            "| training | ms/step | dense / this | ms/step, round robin | dense / this, round robin "
+            "| parameter memory vs dense | GFLOP/s | % of dense rate | % of FMA peak |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if r["status"] != "ok":
+            rows.append(f"| {name} | {r['status']} | | | | | | | |")
+            continue
+        rows.append(f"| {name} | {r['step_s'] * 1e3:.1f} | {d['step_s'] / r['step_s']:.2f}x | "
+                    f"{r['round_robin_step_s'] * 1e3:.1f} | "
+                    f"{d['round_robin_step_s'] / r['round_robin_step_s']:.2f}x | "
+                    f"{r['param_bytes'] / d['param_bytes'] * 100:.0f}% | {fmt_gflops(r['gflops'])} | "
+                    f"{pct(r['frac_of_dense_rate'])} | {pct(r['frac_of_fma_peak'])} |")
+    return rows
+
+
+def peer_line(results) -> str:
+    """rigl-torch's RigLScheduler against sparsekern's RigL: step time ratio and memory."""
+    rt, s = results[RIGL_TORCH], results["sparsekern RigL"]
+    if rt["status"] != "ok":
+        return f"rigl-torch: {rt['status']}."
+    return (f"rigl-torch RigLScheduler (masked dense, the same masks, {rt['updates']} updates) vs sparsekern "
+            f"RigL: step time {rt['step_s'] / s['step_s']:.2f}x sparsekern's (round robin "
+            f"{rt['round_robin_step_s'] / s['round_robin_step_s']:.2f}x); parameter memory "
+            f"{rt['param_bytes'] / 2**20:.0f} MiB vs {s['param_bytes'] / 2**20:.0f} MiB "
+            f"({rt['param_bytes'] / s['param_bytes']:.1f}x).")
+
+
 def main():
-    p = base_parser(__doc__, "fewer steps (smoke run)", [0.1], RESULTS)
+    p = base_parser(__doc__, "fewer steps (smoke run)", [0.1])
     p.add_argument("--steps", type=int, default=300, help="timed steps per contender (blocks)")
     p.add_argument("--block", type=int, default=25, help="consecutive steps per contender's turn")
     p.add_argument("--rr-steps", type=int, default=100,
@@ -142,15 +192,28 @@ def main():
     opt_m = torch.optim.SGD(masked.parameters(), lr=0.01, momentum=0.9)
     ref = MaskedDenseDST(masked, opt_m, masks, total_steps=total, update_every=a.update_every,
                          drop_fraction=0.3, stop_at=1.0, method="rigl")
-    contenders = {"dense": (dense, opt, None), "masked-dense RigL": (masked, opt_m, ref),
-                  "sparsekern RigL": (sparse, opt_s, engine)}
+    contenders = {"dense": (dense, opt, None), "masked-dense RigL": (masked, opt_m, ref)}
+    rt_cls, rt_missing = rigl_torch_peer.load()
+    if rt_cls is not None:
+        rt_model = copy.deepcopy(base)
+        rt_opt = torch.optim.SGD(rt_model.parameters(), lr=0.01, momentum=0.9)
+        rt_sched = rigl_torch_peer.scheduler(rt_cls, rt_model, rt_opt, masks, total, a.update_every, 0.3)
+        contenders[RIGL_TORCH] = (rt_model, rigl_torch_peer.SchedulerStep(rt_opt, rt_sched), None)
+    contenders["sparsekern RigL"] = (sparse, opt_s, engine)
     step_s = time_training(contenders, data, a.block)
     rr_s = time_training(contenders, batches(rr_steps, 256, seed=1), 1, warmup=0)
     results = {}
     for name, (model, o, eng) in contenders.items():
-        results[name] = {"step_s": step_s[name], "round_robin_step_s": rr_s[name],
-                         "param_bytes": param_bytes(model, o, ref.masks if eng is ref else None),
-                         "updates": 0 if eng is None else eng.step_count // a.update_every}
+        peer = isinstance(o, rigl_torch_peer.SchedulerStep)
+        results[name] = {"status": "ok", "step_s": step_s[name], "round_robin_step_s": rr_s[name],
+                         "param_bytes": param_bytes(model, o, ref.masks if eng is ref else o.masks() if peer else None),
+                         "updates": o.scheduler.rigl_steps if peer else 0 if eng is None
+                         else eng.step_count // a.update_every}
+    if rt_cls is None:
+        results[RIGL_TORCH] = {"status": rt_missing}
+    step_flops = {k: count_flops(m, data[0][0][:1]).training_step() * data[0][0].shape[0]
+                  for k, m in (("dense", dense), ("useful", sparse))}
+    add_rates(results, step_flops, meta["fma_peak"]["gflops"])
 
     # topology update cost per layer against one forward SpMM, amortised per step
     x = data[0][0]
@@ -177,19 +240,14 @@ def main():
              f"steps each, the contenders taking turns in blocks of {a.block} consecutive steps. Round "
              f"robin: {rr_steps} more steps each, one step per turn, so every step starts with caches "
              f"full of the other contenders' weights.", "",
-             "| training | ms/step | dense / this | ms/step, round robin | dense / this, round robin "
-             "| parameter memory vs dense |", "|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['step_s'] * 1e3:.1f} | {d['step_s'] / r['step_s']:.2f}x | "
-                     f"{r['round_robin_step_s'] * 1e3:.1f} | "
-                     f"{d['round_robin_step_s'] / r['round_robin_step_s']:.2f}x | "
-                     f"{r['param_bytes'] / d['param_bytes'] * 100:.0f}% |")
+             *step_table(meta, results)]
     s, m = results["sparsekern RigL"], results["masked-dense RigL"]
     lines += ["", f"sparsekern RigL vs dense: {d['step_s'] / s['step_s']:.2f}x (target >= 4x; round robin "
                   f"{d['round_robin_step_s'] / s['round_robin_step_s']:.2f}x), "
                   f"vs masked-dense RigL: {m['step_s'] / s['step_s']:.2f}x (target >= 4x; round robin "
                   f"{m['round_robin_step_s'] / s['round_robin_step_s']:.2f}x); "
-                  f"memory {s['param_bytes'] / d['param_bytes'] * 100:.0f}% of dense (target <= 30%).", "",
+                  f"memory {s['param_bytes'] / d['param_bytes'] * 100:.0f}% of dense (target <= 30%).",
+              "", peer_line(results), "",
               f"One topology update (all layers, captured batch): {update_ms:.1f} ms; amortised per step "
               f"over update_every={a.update_every}, against one forward SpMM of each layer:", "",
               "| layer | forward SpMM ms | update ms | amortised update / forward SpMM |",

@@ -1,13 +1,17 @@
-"""How fast is SparseLinear on CPU against dense F.linear and torch.sparse, across densities?
+"""How fast is SparseLinear on CPU against dense F.linear, torch.sparse and SparseProp, across densities?
 
 Times forward, dX, dW and forward+backward of a sparse 4096->4096, 768->3072
 and 1024->1024 layer at batch 256 and 2048, float32, densities 0.5 .. 0.02,
 for the CSR layout and for BSR with 16x16 blocks, against dense ``F.linear``
-(MKL/oneDNN) and ``torch.sparse`` on a CSR weight with the same nonzeros
+(MKL/oneDNN), ``torch.sparse`` on a CSR weight with the same nonzeros
 (``torch.sparse.mm`` for forward and dX, ``torch.sparse.sampled_addmm`` for
-dW), all in one process with the same thread count. Reports medians and
-ratios, the training-step parameter memory, and writes
-``benchmarks/results/linear_cpu.{json,md,png}``.
+dW) and SparseProp's ``SparseLinear`` on the same nonzeros (forward and
+forward+backward, CSR only, checked against dense first; ``_sparseprop_peer.py``),
+all in one process with the same thread count. Reports medians and ratios, the
+dense baseline's GFLOP/s and sparsekern's effective GFLOP/s (useful FLOPs
+``2 * batch * nnz`` per op) against the dense rate and the register-only FMA peak,
+the training-step parameter memory, and writes
+``benchmarks/results/<cpu>/linear_cpu.{json,md,png}``.
 
     python benchmarks/bench_linear_cpu.py            # full suite (~15-20 min on 2 cores)
     python benchmarks/bench_linear_cpu.py --quick    # 4096->4096 only, batch 256
@@ -15,7 +19,6 @@ ratios, the training-step parameter memory, and writes
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +27,10 @@ from tqdm import tqdm
 import sparsekern as sk
 from sparsekern.ops import library as L
 
-from _bench_common import (base_parser, fmt, machine_meta, median_ms, plot_speedups, ratio,
-                           write_results)
+import _sparseprop_peer as sparseprop_peer
+from _bench_common import (base_parser, fmt, machine_meta, median_ms, median_ms_each, op_flops, peak_line, peer_cell,
+                           peer_notes, plot_speedups, ratio, throughput, throughput_table, write_results)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 KINDS = ("fwd", "dx", "dw", "fwd+bwd")
 
 
@@ -93,7 +96,8 @@ def param_bytes(lin: sk.SparseLinear, dense_numel: int) -> dict:
 LAYOUTS = (("csr", None), ("bsr", 16))
 
 
-def run(shapes, batches, densities, reps, threads):
+def run(shapes, batches, densities, reps, threads, peak=None):
+    """One row per (shape, batch, layout, density); ``peak``: the FMA peak GFLOP/s (or None)."""
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
     rows = []
@@ -106,16 +110,13 @@ def run(shapes, batches, densities, reps, threads):
         for layout, bs, d in tqdm(cases, desc=f"{in_f}->{out_f} B={batch}", leave=False):
             lin = sk.SparseLinear(in_f, out_f, density=d, layout=layout, block_size=bs)
             ours = {k: median_ms(f, reps) for k, f in sparsekern_fns(lin, x, dy).items()}
-            ts = {}
-            for k, f in torch_sparse_fns(lin, x, dy).items():
-                try:
-                    ts[k] = median_ms(f, reps)
-                except (RuntimeError, NotImplementedError) as exc:   # record, never hide
-                    ts[k] = None
-                    ts[k + "_error"] = str(exc).splitlines()[0][:120]
+            flops = op_flops(lin, x)
             rows.append({"in": in_f, "out": out_f, "batch": batch, "density": d,
                          "layout": layout if bs is None else f"{layout}{bs}",
-                         "dense_ms": dense, "sparsekern_ms": ours, "torch_sparse_ms": ts,
+                         "dense_ms": dense, "sparsekern_ms": ours,
+                         "torch_sparse_ms": median_ms_each(torch_sparse_fns(lin, x, dy), reps),
+                         "sparseprop": sparseprop_peer.linear(lin, x, dy, reps),
+                         "flops": flops, "throughput": throughput(dense, ours, flops, d, peak),
                          "memory": param_bytes(lin, in_f * out_f)})
     return rows
 
@@ -123,21 +124,36 @@ def run(shapes, batches, densities, reps, threads):
 def markdown(rows, meta) -> str:
     out = [f"CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}, "
            f"float32, {meta['date']}. Speedup = baseline time / sparsekern time (higher is better); "
-           f"medians of 3 to {meta['reps']} runs.", "",
+           f"medians of 3 to {meta['reps']} runs. {peak_line(meta)}", "",
            "| in->out | batch | layout | density | fwd vs dense | dX vs dense | dW vs dense | fwd+bwd vs dense "
-           "| ideal | fwd vs torch.sparse | fwd+bwd vs torch.sparse | param memory vs dense |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| ideal | fwd vs torch.sparse | fwd+bwd vs torch.sparse | fwd vs SparseProp | fwd+bwd vs SparseProp "
+           "| param memory vs dense |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, o, t = r["dense_ms"], r["sparsekern_ms"], r["torch_sparse_ms"]
-        out.append(f"| {r['in']}->{r['out']} | {r['batch']} | {r['layout']} | {r['density']} | "
+        out.append(f"| {case(r)} | "
                    + " | ".join(fmt(ratio(d[k], o[k])) for k in KINDS)
                    + f" | {1 / r['density']:.0f}x | {fmt(ratio(t['fwd'], o['fwd']))} | "
-                     f"{fmt(ratio(t['fwd+bwd'], o['fwd+bwd']))} | {r['memory']['ratio'] * 100:.0f}% |")
+                     f"{fmt(ratio(t['fwd+bwd'], o['fwd+bwd']))} | {peer_cell(r['sparseprop'], o, 'fwd')} | "
+                     f"{peer_cell(r['sparseprop'], o, 'fwd+bwd')} | {r['memory']['ratio'] * 100:.0f}% |")
+    out += ["", *peer_notes(rows, "sparseprop", "SparseProp", lambda r: f"{r['layout']} {r['in']}->{r['out']}"), "",
+            "Throughput: useful FLOPs 2 * batch * nnz per op (fwd, dX, dW; fwd+bwd = 3 ops), dense 2 * batch * in "
+            "* out; % of dense rate = sparsekern's effective GFLOP/s / dense's achieved GFLOP/s; fraction of ideal "
+            "= speedup / (1 / density).", "",
+            *throughput_table(rows, ["in->out", "batch", "layout", "density"], case_cells)]
     return "\n".join(out) + "\n"
 
 
+def case_cells(r) -> list[str]:
+    return [f"{r['in']}->{r['out']}", str(r["batch"]), r["layout"], str(r["density"])]
+
+
+def case(r) -> str:
+    return " | ".join(case_cells(r))
+
+
 def main():
-    p = base_parser(__doc__, "4096->4096 at batch 256 only", [0.5, 0.2, 0.1, 0.05, 0.02], RESULTS)
+    p = base_parser(__doc__, "4096->4096 at batch 256 only", [0.5, 0.2, 0.1, 0.05, 0.02])
     a = p.parse_args()
     if not sk.extension_available():
         raise SystemExit("the compiled extension is not built; run `bash scripts/setup.sh` first")
@@ -145,7 +161,7 @@ def main():
     batches = [256] if a.quick else [256, 2048]
     meta = machine_meta(a.threads, a.reps)
     print(f"machine: {meta['cpu']} ({meta['cores']} cores), threads={a.threads}, torch {meta['torch']}")
-    rows = run(shapes, batches, a.densities, a.reps, a.threads)
+    rows = run(shapes, batches, a.densities, a.reps, a.threads, meta["fma_peak"]["gflops"])
     md = markdown(rows, meta)
     write_results(a.out, "linear_cpu_quick" if a.quick else "linear_cpu", meta, rows, md,
                   lambda path: plot_speedups(rows, path, lambda r: (r["in"], r["out"], r["batch"], r["layout"]),
