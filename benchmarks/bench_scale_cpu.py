@@ -118,9 +118,19 @@ def run_one(cfg) -> dict:
         losses.append(float(loss.detach()))
     with torch.no_grad():
         acc = float((model(data.x_test).argmax(1) == data.y_test).float().mean())
+        xb = data.x_train[:cfg["batch"]]
+        fwd = []
+        for _ in range(7):                     # the update-cost goal's unit: one forward of the model
+            t0 = time.perf_counter()
+            model(xb)
+            fwd.append(time.perf_counter() - t0)
+        fwd_s = sorted(fwd)[len(fwd) // 2]
     res = {**cfg, "sizes": sizes, "dense_state_bytes": dense_state_bytes(sizes), "build_s": build_s,
            "step_ms_median": 1e3 * sorted(step_s)[len(step_s) // 2] if step_s else None,
            "update_s_mean": sum(update_s) / len(update_s) if update_s else None, "updates": len(update_s),
+           "fwd_ms_median": 1e3 * fwd_s,
+           # the goal: an update amortised over RigL's 100 steps costs at most one forward
+           "update_at_100_over_fwd": (sum(update_s) / len(update_s)) / 100 / fwd_s if update_s else None,
            "loss_first": sum(losses[:5]) / len(losses[:5]), "loss_last": sum(losses[-5:]) / len(losses[-5:]),
            "test_acc": acc}
     if cfg["impl"] == "sparsekern":
@@ -202,9 +212,9 @@ def markdown(meta, train, sweep) -> str:
              f"{meta['date']}, RAM {meta['ram_gib']:.1f} GiB)", "",
              "## RigL training", "",
              "| width | hidden layers | density | nnz | dense state GiB | peak RSS GiB | peak / dense | "
-             "build s | step ms | update s | ITOP | ITOP set / bitmap MiB | loss first -> last | test acc | "
-             "tiled / dense growth time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "build s | step ms | update s | fwd ms | update / 100 / fwd | ITOP | ITOP set / bitmap MiB | "
+             "loss first -> last | test acc | tiled / dense growth time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in train:
         if "error" in r:
             lines.append(f"| {r['width']} | {r['hidden_layers']} | {r['density']} | error: {r['error']} |")
@@ -216,7 +226,8 @@ def markdown(meta, train, sweep) -> str:
             f"| {r['width']} | {r['hidden_layers']} | {r['density']} | {r['nnz_total']} | "
             f"{gib(r['dense_state_bytes']):.2f} | {gib(r['peak_rss_bytes']):.2f} | "
             f"{r['peak_rss_bytes'] / r['dense_state_bytes']:.3f} | {r['build_s']:.1f} | {r['step_ms_median']:.0f} | "
-            f"{r['update_s_mean']:.2f} | {r['itop_rate']:.4f} | {r['itop_set_bytes'] / 2**20:.1f} / "
+            f"{r['update_s_mean']:.2f} | {fmt_opt(r.get('fwd_ms_median'), '.0f')} | "
+            f"{fmt_opt(r.get('update_at_100_over_fwd'), '.2f')} | {r['itop_rate']:.4f} | {r['itop_set_bytes'] / 2**20:.1f} / "
             f"{r['itop_bitmap_bytes'] / 2**20:.1f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} | "
             f"{r['test_acc']:.3f} | {cmp_s} |")
     if sweep:
@@ -225,6 +236,10 @@ def markdown(meta, train, sweep) -> str:
         for w, s, m, how in sweep_table(sweep):
             lines.append(f"| {w} | {s:.2f} | {m:.2f} | {how} |")
     return "\n".join(lines) + "\n"
+
+
+def fmt_opt(v, spec):
+    return "n/a" if v is None else format(v, spec)
 
 
 def sweep_table(sweep):

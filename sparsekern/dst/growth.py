@@ -89,14 +89,22 @@ def prepared_pairs(module, pairs) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def gradient_rows(module, pairs, r0: int, r1: int) -> torch.Tensor:
+def gradient_rows(module, pairs, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``[r0 * b, r1 * b)`` of the dense weight gradient (2-D: [out, in] or conv's
-    [out, in/groups * kh * kw]), summed over the :func:`prepared_pairs` ``pairs``."""
+    [out, in/groups * kh * kw]), summed over the :func:`prepared_pairs` ``pairs``.
+
+    ``out`` (linear layers): a 2-D buffer of at least that many rows, written and returned
+    (its first rows): reusing one buffer for every tile saves a fresh allocation's page
+    faults per tile (~20% of the GEMM's time at 16384 columns)."""
     b = module.topology.block_size
     o0, o1 = r0 * b, r1 * b
     g = None
     for x, dy in pairs:
         if isinstance(module, SparseLinear):
+            if out is not None:
+                dst = out[: o1 - o0]
+                g = torch.mm(dy[:, o0:o1].t(), x, out=dst) if g is None else g.addmm_(dy[:, o0:o1].t(), x)
+                continue
             part = dy[:, o0:o1].t() @ x
         else:
             part = _conv_rows(module, x, dy, o0, o1)
@@ -172,10 +180,17 @@ def grow_top_k(module, pairs, kept: torch.Tensor, k: int, rows_per_tile: int, dd
     R, C = topo.shape[0] // b, topo.shape[1] // b
     shared, reduce_tiles = ddp_plan(module, prepared_pairs(module, pairs), ddp)
     top = RunningTopK(k, kept)
+    buf = None
+    if isinstance(module, SparseLinear) and shared and len({x.dtype for x, _ in shared}) == 1:
+        x0 = shared[0][0]
+        buf = x0.new_empty((min(R, rows_per_tile) * b, x0.shape[1]))
     for r0 in range(0, R, rows_per_tile):
         r1 = min(R, r0 + rows_per_tile)
-        g = gradient_rows(module, shared, r0, r1)
+        g = gradient_rows(module, shared, r0, r1, out=buf)
         if reduce_tiles:
             torch.distributed.all_reduce(g)
-        top.add(block_scores(g, b), r0 * C)
+        if b == 1:                             # |g| is taken inside the one-pass scan
+            top.add(g, r0 * C, absolute=True)
+        else:
+            top.add(block_scores(g, b), r0 * C)
     return top.result().to(kept.device)

@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from sparsekern.sampling import is_member, sample_distinct
+from sparsekern.ops.candidates import free_candidates
+from sparsekern.sampling import sample_distinct
 
 
 def scheduled_fraction(step: int, total_steps: int, drop_fraction: float, schedule: str, stop_at: float) -> float:
@@ -146,7 +147,8 @@ class RunningTopK:
     (the top k of a union is the top k of the parts' top k). Once the best k are all finite,
     their smallest value ``t`` bounds every later tile: an entry of a later tile enters only
     if it is finite and > t (equal to t it loses the tie to an earlier position), so a tile
-    costs one compare and a ``nonzero``; newcomers are merged in batches of about k/4.
+    costs one scan (``sparsekern::free_candidates``, one read of the tile on CPU); newcomers
+    are merged in batches of about k/4.
     Memory: the best k, the pending newcomers and the caller's tile.
     """
 
@@ -161,8 +163,11 @@ class RunningTopK:
         self.any_finite = False
         self.end = 0
 
-    def add(self, scores: torch.Tensor, start: int) -> None:
-        """Offer the 1-D float ``scores`` of positions ``start ..``."""
+    def add(self, scores: torch.Tensor, start: int, absolute: bool = False) -> None:
+        """Offer the float ``scores`` of positions ``start ..`` (read flat; row-major for a 2-D
+        tile). ``absolute``: the scores are the entries' absolute values (a raw gradient tile,
+        which is then left as it is); the tile is then scanned by the one-pass
+        ``sparsekern::free_candidates`` once a threshold exists."""
         if start < self.end:
             raise ValueError(f"tiles must come in ascending order: tile at {start} after one ending at {self.end}")
         n = scores.numel()
@@ -172,19 +177,15 @@ class RunningTopK:
         if self.k <= 0 or n == 0:
             return
         if self.threshold is None:              # the full rule on this tile, then merge at once
+            scores = scores.abs().flatten() if absolute else scores.flatten()
             local = top_k_stable(scores, self.k, eligible=free_in_range(self.kept, start, n))
             self._pending.append((scores[local], local + start))
             self._flush()
             return
-        cand = torch.nonzero(scores > self.threshold).flatten()
-        if cand.numel():
-            cand = cand[torch.isfinite(scores[cand])]          # +Inf ranks below every finite score
-        if cand.numel():
-            lo, hi = torch.searchsorted(self.kept, torch.tensor([start, start + n], device=self.kept.device)).tolist()
-            cand = cand[~is_member(self.kept[lo:hi] - start, cand)]
-        if cand.numel():
-            self._pending.append((scores[cand], cand + start))
-            self._pending_n += cand.numel()
+        pos, val = free_candidates(scores, float(self.threshold), absolute, self.kept, start)
+        if pos.numel():
+            self._pending.append((val, pos))
+            self._pending_n += pos.numel()
             if self._pending_n >= max(1, self.k // 4):
                 self._flush()
 

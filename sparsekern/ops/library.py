@@ -48,6 +48,8 @@ _lib = torch.library.Library("sparsekern", "DEF")
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
 
+from sparsekern.ops import candidates  # noqa: E402  (its schema too, before the kernels register)
+
 if not _ext.load():
     # Keep the ops callable for tracing; running them on CPU says how to build.
     def _not_built(name):
@@ -58,6 +60,7 @@ if not _ext.load():
 
     for _name in SCHEMAS:
         _lib.impl(_name, _not_built(_name), "CPU")
+    candidates.register_cpu_fallback()
 
 
 def _cuda_kernel(name):

@@ -1,0 +1,74 @@
+"""``sparsekern::free_candidates``: RigL growth's scan of one tile of scores.
+
+``free_candidates(scores, threshold, absolute, kept, start) -> (positions, values)``
+
+* ``scores``: float32/float64, any shape, read flat: the scores of positions
+  ``start .. start + scores.numel() - 1`` (a tile of the dense gradient, row-major);
+* ``absolute``: score each entry by its absolute value (a raw gradient tile) or as it is;
+* ``kept``: int64, 1-D, ascending: positions that may not be taken (the active weights);
+* returns the positions (int64, ascending) whose score ``s`` is finite, ``s > threshold``
+  and not in ``kept``, and those scores (``scores``' dtype).
+
+This is :class:`~sparsekern.dst.selection.RunningTopK`'s filter once its best k are k
+finite scores: an entry of a later tile can enter only above their smallest one. The CPU
+kernel (``csrc/cpu/free_candidates_cpu.cpp``) reads the tile once; :func:`reference` is
+the same in torch ops, which runs on every other device (and is what the tests compare
+the kernel with).
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsekern.sampling import is_member
+
+# Defined before sparsekern.ops.library imports the extension, whose CPU kernel registers
+# against this schema.
+
+SCHEMA = "free_candidates(Tensor scores, float threshold, bool absolute, Tensor kept, int start) -> (Tensor, Tensor)"
+
+_lib = torch.library.Library("sparsekern", "FRAGMENT")
+_lib.define(SCHEMA)
+
+
+def reference(scores: torch.Tensor, threshold: float, absolute: bool, kept: torch.Tensor,
+              start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch-ops form of the op (device-agnostic; a few passes over ``scores``)."""
+    s = scores.reshape(-1)
+    if absolute:
+        s = s.abs()
+    cand = torch.nonzero(s > threshold).flatten()
+    if cand.numel():
+        cand = cand[torch.isfinite(s[cand])]          # +Inf ranks below every finite score
+    if cand.numel():
+        n = s.numel()
+        lo, hi = torch.searchsorted(kept, torch.tensor([start, start + n], device=kept.device)).tolist()
+        cand = cand[~is_member(kept[lo:hi] - start, cand)]
+    return cand + start, s[cand]
+
+
+def _checked(scores, threshold, absolute, kept, start):
+    if scores.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"free_candidates: scores must be float32 or float64, got {scores.dtype}")
+    if kept.dtype != torch.int64 or kept.dim() != 1:
+        raise TypeError(f"free_candidates: kept must be a 1-D int64 tensor, got {kept.dim()}-D {kept.dtype}")
+    if kept.device != scores.device:
+        raise ValueError(f"free_candidates: kept is on {kept.device} but scores on {scores.device}")
+    return reference(scores, threshold, absolute, kept, start)
+
+
+_lib.impl("free_candidates", _checked, "CUDA")
+
+
+def register_cpu_fallback() -> None:
+    """Run the torch form on CPU too: for a checkout whose extension is not built
+    (sparsekern.ops.library calls this then; the DST engine's selection still works)."""
+    _lib.impl("free_candidates", _checked, "CPU")
+
+
+@torch.library.register_fake("sparsekern::free_candidates")
+def _fake(scores, threshold, absolute, kept, start):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return scores.new_empty(n, dtype=torch.int64), scores.new_empty(n)
+
+
+free_candidates = torch.ops.sparsekern.free_candidates.default
