@@ -2,7 +2,7 @@
 the CUDA C++ path (transposes, t_perm, row order, 16-bit column indices).
 
 The C++ kernels themselves run only on a GPU. Here the router drives a stand-in with
-the exact semantics of the ``sparsekern_cuda`` ops (csrc/cuda/sparse_cuda.cu), so
+the exact semantics of the ``sparsekern_cuda`` ops (csrc/cuda/sparse_cuda.cpp), so
 everything around the kernels is checked against the float64 reference on CPU.
 """
 import pytest
@@ -21,7 +21,7 @@ cpp_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and route.cpp_ops() 
 
 
 class StandInCpp:
-    """torch versions of csr_spmm_t / csr_sddmm_t, as documented in csrc/cuda/sparse_cuda.cu."""
+    """torch versions of csr_spmm_t / csr_sddmm_t, as documented in csrc/cuda/sparse_cuda.cpp."""
     calls: list = []
 
     @staticmethod

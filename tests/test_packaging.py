@@ -37,7 +37,7 @@ def test_metadata_declares_torch_extras_and_a_python_floor_the_code_meets():
 
 def test_no_hard_coded_cxx_standard():
     """torch 2.14's headers need C++20; BuildExtension picks the right -std."""
-    for f in [ROOT / "setup.py", ROOT / "tests" / "test_cuda_compile.py"]:
+    for f in [ROOT / "setup.py", ROOT / "tests" / "test_cuda_compile.py", ROOT / "tests" / "cuda_toolkit.py"]:
         assert "-std=c++17" not in f.read_text(), f
 
 
