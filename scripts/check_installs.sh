@@ -35,18 +35,13 @@ if [ "$mode" = "--quick" ]; then
   export SPARSEKERN_CPU_VARIANTS="${SPARSEKERN_CPU_VARIANTS:-host}"
 fi
 
-# Every path compiles the same sources with the same flags: with ccache only the first
-# build compiles (cache in build/ccache, keyed without the build directory's path).
+# Every path compiles the same sources with the same flags as scripts/setup.sh: with
+# ccache (scripts/ccache_env.sh) they hit the cache setup.sh's build filled.
 if [ "$mode" = "--quick" ] && ! command -v ccache >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -q ccache || (apt-get update -q && apt-get install -y -q ccache)) >/dev/null 2>&1 || true
 fi
-if command -v ccache >/dev/null 2>&1 && [ -x /usr/lib/ccache/c++ ]; then
-  export CXX=/usr/lib/ccache/c++ CC=/usr/lib/ccache/cc
-  export CCACHE_DIR="$ROOT/build/ccache" CCACHE_BASEDIR=/ CCACHE_NOHASHDIR=1
-  echo "builds through ccache ($CCACHE_DIR)"
-else
-  echo "no ccache: every path compiles from scratch"
-fi
+. "$ROOT/scripts/ccache_env.sh" "$ROOT"
+echo "$SPARSEKERN_CCACHE_NOTE"
 
 venv() {  # venv NAME -> path of a fresh venv that sees the installed torch
   "$PY" -m venv --system-site-packages "$WORK/$1" && echo "$WORK/$1"

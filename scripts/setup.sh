@@ -37,6 +37,8 @@ fi
 # One compile: the CPU kernel variant this machine runs best (a wheel holds all of them;
 # SPARSEKERN_CPU_VARIANTS=all builds them here too, SPARSEKERN_CPU_ARCH=native one -march=native build).
 export SPARSEKERN_CPU_VARIANTS="${SPARSEKERN_CPU_VARIANTS:-host}"
+. scripts/ccache_env.sh "$PWD"
+echo "setup: $SPARSEKERN_CCACHE_NOTE"
 echo "setup: building the sparsekern extension (SPARSEKERN_CPU_VARIANTS=$SPARSEKERN_CPU_VARIANTS${SPARSEKERN_CPU_ARCH:+, SPARSEKERN_CPU_ARCH=$SPARSEKERN_CPU_ARCH})"
 "${PIP[@]}" -c "$constraints" --no-build-isolation -e .
 "$PY" -c "import sparsekern as sk; assert sk.extension_available(), 'extension failed to load'; print('setup: sparsekern', sk.__version__, 'ready; CPU kernels:', sk.cpu_kernel_variant())"
