@@ -79,15 +79,17 @@ def test_an_extra_forward_before_dst_step_does_not_change_the_topology(extra):
     assert torch.equal(active_positions(model[0].topology), want)
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])   # Dynamo's guards; AOT's traced backward
-@pytest.mark.parametrize("compile_first", [False, True], ids=["engine-then-compile", "compile-then-engine"])
+# Dynamo's guards; AOT's traced backward; inductor (torch.compile's default: generated C++ around
+# the sparse ops, which stay opaque custom ops), once, as the C++ builds take a while
+@pytest.mark.parametrize("backend,compile_first", [("eager", False), ("eager", True), ("aot_eager", False),
+                                                   ("aot_eager", True), ("inductor", True)])
 def test_rigl_on_a_compiled_model_grows_as_in_eager_mode(backend, compile_first):
     torch._dynamo.reset()
     base = integer_model()
     micro = batches(3)
     eager = copy.deepcopy(base)
     model = copy.deepcopy(base)
-    compiled = torch.compile(model, backend=backend)  # no inductor: its C++ build would dominate the test
+    compiled = torch.compile(model, backend=backend)
     if compile_first:
         compiled(micro[0][0]).sum().backward()       # compiled before the engine (and its taps) exist
         eager(micro[0][0]).sum().backward()
