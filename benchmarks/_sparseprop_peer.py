@@ -149,6 +149,23 @@ def linear_variants(mods, lin) -> dict:
                            lambda v: from_csr_2d(v, peer.W_idx, (peer.N, peer.M)))}
 
 
+def conv_gaps(conv) -> list[str]:
+    """What SparseProp's SparseConv2d lacks for ``conv`` (an ``nn.Conv2d`` or a sparsekern
+    ``SparseConv2d``): [] when it applies (square kernel <= 255, stride 1 or 2 on both axes, one
+    integer padding, no dilation or groups, Cin <= 32767, zero padding mode)."""
+    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
+    if isinstance(conv.padding, str):
+        return [f"padding={conv.padding!r}"]
+    (ph, pw), (dh, dw) = conv.padding, conv.dilation
+    return [txt for bad, txt in ((kh != kw, f"non-square kernel {kh}x{kw}"), (sh != sw or sh not in (1, 2),
+                                 f"stride {sh}x{sw} (it has 1 and 2)"), (ph != pw, f"padding {ph}x{pw}"),
+                                 ((dh, dw) != (1, 1), f"dilation {dh}x{dw}"), (conv.groups != 1,
+                                 f"groups={conv.groups}"), (conv.in_channels > 32767, "Cin > 32767"),
+                                 (kh > 255, "kernel > 255"),
+                                 (getattr(conv, "padding_mode", "zeros") != "zeros",
+                                  f"padding_mode={getattr(conv, 'padding_mode', None)!r}")) if bad]
+
+
 def conv_variants(mods, conv) -> dict:
     """{variant: Variant} for a sparsekern SparseConv2d: SparseProp's two vectorisations, over the
     batch (``vectorizing_over_on=False``) and over output columns (True)."""
@@ -156,13 +173,9 @@ def conv_variants(mods, conv) -> dict:
     if conv.topology.block_size != 1:
         raise NotApplicable(f"BSR layout (block {conv.topology.block_size}): SparseProp stores unstructured "
                             "CSR only")
-    (kh, kw), (sh, sw) = conv.kernel_size, conv.stride
-    (ph, pw), (dh, dw) = conv.padding, conv.dilation
-    why = [txt for bad, txt in ((kh != kw, f"non-square kernel {kh}x{kw}"), (sh != sw or sh not in (1, 2),
-                                f"stride {sh}x{sw} (it has 1 and 2)"), (ph != pw, f"padding {ph}x{pw}"),
-                                ((dh, dw) != (1, 1), f"dilation {dh}x{dw}"), (conv.groups != 1,
-                                f"groups={conv.groups}"), (conv.in_channels > 32767, "Cin > 32767"),
-                                (kh > 255, "kernel > 255")) if bad]
+    (kh, kw), sh = conv.kernel_size, conv.stride[0]
+    ph = conv.padding[0]
+    why = conv_gaps(conv)
     if why:
         raise NotApplicable("SparseProp's conv has no " + ", ".join(why))
     w = conv.topology.to_dense().detach().reshape(conv.out_channels, conv.in_channels, kh, kw)
