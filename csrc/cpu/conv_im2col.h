@@ -68,8 +68,10 @@ inline bool use_im2col(ConvOp op, const ConvShape& s, int64_t nnz) {
   const int64_t plane = s.OH * s.OW;
   const double per_col = static_cast<double>(nnz) / static_cast<double>(std::max<int64_t>(1, s.Cin * s.khkw));
   switch (op) {
-    case ConvOp::kForward: return plane < 64 || (plane <= 256 && per_col >= 32);
-    case ConvOp::kDX: return plane <= 64 || (plane <= 256 && per_col >= 12);
+    // measured on AVX2 (DEVELOPERS.md, "Small planes"): the unfold pays for itself below
+    // an 8x8 plane always, at 8x8 from r = 16 (forward) / 12 (dX), up to 16x16 from r = 32 / 40
+    case ConvOp::kForward: return plane < 64 || (plane <= 64 && per_col >= 16) || (plane <= 256 && per_col >= 32);
+    case ConvOp::kDX: return plane < 64 || (plane <= 64 && per_col >= 12) || (plane <= 256 && per_col >= 40);
     case ConvOp::kDW: return plane < 16;
   }
   return false;
