@@ -21,7 +21,8 @@ mode="${1:-full}"
 
 mkdir -p "$DEST"
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$DEST"
-echo "asan: building the sanitized extension in $DEST"
+. "$ROOT/scripts/ccache_env.sh"
+echo "asan: building the sanitized extension in $DEST ($SPARSEKERN_CCACHE_NOTE)"
 (cd "$DEST" && SPARSEKERN_SANITIZE=address,undefined "$PY" setup.py -q build_ext --inplace >build.log 2>&1) \
   || { tail -30 "$DEST/build.log"; exit 1; }
 

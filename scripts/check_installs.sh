@@ -40,7 +40,7 @@ fi
 if [ "$mode" = "--quick" ] && ! command -v ccache >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get install -y -q ccache || (apt-get update -q && apt-get install -y -q ccache)) >/dev/null 2>&1 || true
 fi
-. "$ROOT/scripts/ccache_env.sh" "$ROOT"
+. "$ROOT/scripts/ccache_env.sh"
 echo "$SPARSEKERN_CCACHE_NOTE"
 
 venv() {  # venv NAME -> path of a fresh venv that sees the installed torch

@@ -37,7 +37,7 @@ fi
 # One compile: the CPU kernel variant this machine runs best (a wheel holds all of them;
 # SPARSEKERN_CPU_VARIANTS=all builds them here too, SPARSEKERN_CPU_ARCH=native one -march=native build).
 export SPARSEKERN_CPU_VARIANTS="${SPARSEKERN_CPU_VARIANTS:-host}"
-. scripts/ccache_env.sh "$PWD"
+. scripts/ccache_env.sh
 echo "setup: $SPARSEKERN_CCACHE_NOTE"
 echo "setup: building the sparsekern extension (SPARSEKERN_CPU_VARIANTS=$SPARSEKERN_CPU_VARIANTS${SPARSEKERN_CPU_ARCH:+, SPARSEKERN_CPU_ARCH=$SPARSEKERN_CPU_ARCH})"
 "${PIP[@]}" -c "$constraints" --no-build-isolation -e .
