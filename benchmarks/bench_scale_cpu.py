@@ -22,7 +22,7 @@ The full demonstration (65536 x 65536 hidden layers at 0.5% density: the dense s
 about 51 GB per layer; long: every RigL update forms dY^T X tile by tile, ~0.5 TFLOP a layer)::
 
     python benchmarks/bench_scale_cpu.py --widths 65536 --density 0.005 --hidden-layers 2 \\
-        --steps 300 --update-every 100 --batch 64 --lr 0.001 --sweep-widths 4096 8192 16384 32768 65536 \\
+        --steps 300 --update-every 100 --batch 64 --lr 0.1 --sweep-widths 4096 8192 16384 32768 65536 \\
         --out benchmarks/results/amd-epyc-25-1-avx2/scale
 
 Results go to ``benchmarks/results/<cpu>/scale_cpu.{json,md,png}`` with ``--out`` (printed always).
