@@ -126,6 +126,12 @@ def test_import_without_extension_warns_and_explains():
             raise AssertionError("op ran without the extension")
         lin.backend = "reference"
         torch.testing.assert_close(lin(x), lin.to_dense()(x))
+        # RigL's selection still runs (the growth scan's torch form serves CPU then)
+        from sparsekern.dst.selection import RunningTopK
+        top = RunningTopK(2, torch.tensor([5], dtype=torch.int64))
+        top.add(torch.tensor([0.5, 3.0, 2.0]), 0)                 # sets the bound (2.0)
+        top.add(torch.tensor([-4.0, float("nan"), 9.0]), 3, absolute=True)   # the scan: 4.0 in, 9.0 kept
+        assert top.result().tolist() == [1, 3], top.result()
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -124,6 +124,12 @@ def test_threshold_is_compared_in_the_scores_dtype_as_torch_does():
     assert torch.equal(pos, rpos) and pos.tolist() == torch.nonzero(s > 0.8).flatten().tolist()
 
 
+def test_cpu_runs_the_compiled_kernel_and_other_backends_the_torch_form():
+    name = "sparsekern::free_candidates"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd")
+
+
 def test_opcheck():
     s = tile(3000, torch.float32, seed=1)
     kept = kept_for(3000, 0, seed=1)

@@ -12,8 +12,8 @@
 This is :class:`~sparsekern.dst.selection.RunningTopK`'s filter once its best k are k
 finite scores: an entry of a later tile can enter only above their smallest one. The CPU
 kernel (``csrc/cpu/free_candidates_cpu.cpp``) reads the tile once; :func:`reference` is
-the same in torch ops, which runs on every other device (and is what the tests compare
-the kernel with).
+the same in torch ops, which runs on every other device and on a CPU without the compiled
+extension (and is what the tests compare the kernel with).
 """
 from __future__ import annotations
 
@@ -56,13 +56,9 @@ def _checked(scores, threshold, absolute, kept, start):
     return reference(scores, threshold, absolute, kept, start)
 
 
-_lib.impl("free_candidates", _checked, "CUDA")
-
-
-def register_cpu_fallback() -> None:
-    """Run the torch form on CPU too: for a checkout whose extension is not built
-    (sparsekern.ops.library calls this then; the DST engine's selection still works)."""
-    _lib.impl("free_candidates", _checked, "CPU")
+# The torch form for every backend (CUDA, MPS, XPU, ..., and CPU when the extension is not
+# built): a backend's own kernel, the compiled CPU one, takes precedence over it.
+_lib.impl("free_candidates", _checked, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("sparsekern::free_candidates")

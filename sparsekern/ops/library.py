@@ -60,7 +60,6 @@ if not _ext.load():
 
     for _name in SCHEMAS:
         _lib.impl(_name, _not_built(_name), "CPU")
-    candidates.register_cpu_fallback()
 
 
 def _cuda_kernel(name):
