@@ -45,7 +45,7 @@ assert sparsekern.extension_available(); print('asan: sanitized sparsekern from'
 
 if [ "$mode" = "--quick" ]; then
   files=(tests/test_kernel_safety.py tests/test_bad_input.py tests/test_construction_edges.py
-         tests/test_free_candidates.py)
+         tests/test_free_candidates.py tests/test_csr_transpose.py)
   # (the fuzz in test_kernel_safety.py covers every conv and linear op)
   "$PY" -m pytest -q -p no:cacheprovider "${files[@]}" || report
 else
@@ -53,7 +53,7 @@ else
     tests/test_ops.py tests/test_conv.py tests/test_conv_module.py tests/test_linear.py \
     tests/test_formats.py tests/test_opcheck_gradcheck.py tests/test_dst.py \
     tests/test_load_atomic.py tests/test_construction_edges.py tests/test_dst_robust.py \
-    tests/test_free_candidates.py || report
+    tests/test_free_candidates.py tests/test_csr_transpose.py || report
 fi
 ls "$DEST"/sanitizer-report.* >/dev/null 2>&1 && report
 echo "asan: no sanitizer report"

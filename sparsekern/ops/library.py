@@ -48,7 +48,7 @@ _lib = torch.library.Library("sparsekern", "DEF")
 for _schema in SCHEMAS.values():
     _lib.define(_schema)
 
-from sparsekern.ops import candidates  # noqa: E402  (its schema too, before the kernels register)
+from sparsekern.ops import candidates, transpose  # noqa: E402,F401  (their schemas too, before the kernels register)
 
 if not _ext.load():
     # Keep the ops callable for tracing; running them on CPU says how to build.
