@@ -30,13 +30,19 @@ def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a
     if a.numel() == 0:
         return b
+    return merge_sorted_slots(a, b)[0]
+
+
+def merge_sorted_slots(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_sorted`'s union ``out`` and ``from_a`` (bool like ``out``: which slots hold
+    ``a``'s entries, in ``a``'s order; the others hold ``b``'s), for moving data with them."""
     at = torch.searchsorted(a, b) + torch.arange(b.numel(), device=b.device)
     out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
     from_a = torch.ones(out.numel(), dtype=torch.bool, device=a.device)
     from_a[at] = False
     out[at] = b
     out[from_a] = a
-    return out
+    return out, from_a
 
 
 def sample_distinct(n: int, k: int, generator: torch.Generator, occupied: torch.Tensor | None = None,

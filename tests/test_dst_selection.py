@@ -55,6 +55,49 @@ def test_running_top_k_refuses_tiles_out_of_order_and_all_nan():
         top.result()
 
 
+@pytest.mark.parametrize("continuous", [False, True])
+@pytest.mark.parametrize("k", [1, 3000, 150_000])
+def test_running_top_k_in_bands_of_blocks_with_pruned_merges_equals_one_pass(monkeypatch, continuous, k):
+    """Large enough that merges prune by a sampled threshold (more than 2^17 held entries), blocks
+    offered out of position order inside each band, many exact ties (integer scores) or none."""
+    from sparsekern.dst import selection
+    R, C, band, bw = 600, 1000, 40, 300
+    g = torch.Generator().manual_seed(k + continuous)
+    scores = (torch.rand(R, C, generator=g, dtype=torch.float64) if continuous
+              else torch.randint(0, 2000, (R, C), generator=g).double())
+    kept = torch.sort(torch.randperm(R * C, generator=g)[: R * C // 5]).values
+    pruned = []
+    real = selection._prune
+
+    def spy(val, pos, kk):
+        out = real(val, pos, kk)
+        pruned.append(out[0].numel() > kk)        # the sampled threshold held (no exact selection)
+        return out
+
+    monkeypatch.setattr(selection, "_prune", spy)
+    top = RunningTopK(k, kept)
+    for r0 in range(0, R, band):
+        r1 = min(R, r0 + band)
+        if top.threshold is None:             # as grow_top_k: whole bands until the best k fill
+            top.add(scores[r0:r1].flatten().clone(), r0 * C)
+            continue
+        blocks = [(scores[r0:r1, c0:c0 + bw].contiguous(), r0 * C + c0) for c0 in range(0, C, bw)][::-1]
+        top.offer_band(iter(blocks), C, r1 * C)
+    got = top.result()
+    assert torch.equal(got, full_rule(scores.flatten(), kept, k))
+    if k == 150_000:
+        assert any(pruned)
+
+
+def test_offer_band_refuses_blocks_outside_the_band_and_needs_a_threshold():
+    top = RunningTopK(2, torch.empty(0, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="needs a threshold"):
+        top.offer_band(iter([]), 10, 10)
+    top.add(torch.arange(10.0), 0)
+    with pytest.raises(ValueError, match=r"outside the band \[10, 30\)"):
+        top.offer_band(iter([(torch.ones(2, 5), 5)]), 10, 30)
+
+
 def old_dense_mask_sampler(free, k, generator):
     """The SET sampler before the sorted-set version (a bool [n] of free positions): the oracle."""
     n = free.numel()
@@ -111,9 +154,14 @@ def grown(model, x, w, **engine_kw):
     return active_positions(model[0].topology), engine
 
 
+@pytest.mark.parametrize("block", [None, (8, 16)])
 @pytest.mark.parametrize("kind,layout,b", [("linear", "csr", None), ("linear", "bsr", 4),
                                            ("conv", "csr", None), ("conv", "bsr", 8)])
-def test_tiled_growth_equals_one_tile_and_the_dense_gradient(kind, layout, b):
+def test_tiled_growth_equals_one_tile_and_the_dense_gradient(monkeypatch, kind, layout, b, block):
+    """``block``: linear layers form and scan their gradient in blocks of 8 x 16 (rows x columns)
+    once a threshold exists (growth.GROWTH_BLOCK, 1024 x 1024 by default)."""
+    if block:
+        monkeypatch.setattr(growth, "GROWTH_BLOCK", block)
     g = torch.Generator().manual_seed(1)
     base = integer_model(kind, layout, b)
     x = integer_batch(kind, g)

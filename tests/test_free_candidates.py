@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparsekern as sk
-from sparsekern.ops.candidates import free_candidates, reference
+from sparsekern.ops.candidates import _checked, free_candidates, reference
 
 pytestmark = pytest.mark.skipif(not sk.extension_available(), reason="extension not built")
 
@@ -135,3 +135,64 @@ def test_opcheck():
     kept = kept_for(3000, 0, seed=1)
     torch.library.opcheck(torch.ops.sparsekern.free_candidates.default, (s, 1.5, True, kept, 0),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def loop_2d(scores, threshold, absolute, kept, start, stride):
+    """The 2-D block definition: entry (i, j) is position start + i * stride + j."""
+    kept = set(kept.tolist())
+    pos, val = [], []
+    for i, row in enumerate(scores.tolist()):
+        for j, s in enumerate(row):
+            v = abs(s) if absolute else s
+            p = start + i * stride + j
+            if math.isfinite(v) and v > threshold and p not in kept:
+                pos.append(p)
+                val.append(v)
+    return pos, val
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("absolute", [False, True])
+@pytest.mark.parametrize("h,w,stride,start", [(1, 1, 1, 0), (3, 5, 5, 7), (20, 33, 1000, 12345),
+                                               (40, 2000, 70000, 10 ** 9), (200, 700, 700, 3), (0, 4, 9, 0)])
+def test_block_with_a_row_stride_equals_reference_and_definition(threads, absolute, h, w, stride, start):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        s = tile(h * w, torch.float32, seed=h + w).reshape(h, w)
+        span = max(1, (h - 1) * stride + w) if h else 1
+        kept = kept_for(span, start, seed=w, frac=0.002 if span > 10 ** 6 else 0.3)
+        pos, val = free_candidates(s, 1.5, absolute, kept, start, stride)
+        rpos, rval = reference(s, 1.5, absolute, kept, start, stride)
+        assert torch.equal(pos, rpos) and torch.equal(val, rval)
+        if h * w <= 20000:
+            lpos, lval = loop_2d(s, 1.5, absolute, kept, start, stride)
+            assert pos.tolist() == lpos and val.tolist() == lval
+        assert bool((pos[1:] > pos[:-1]).all())
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_block_kept_entries_far_apart_are_found_by_the_galloping_cursor():
+    # rows 10^6 positions apart with thousands of kept entries between them, some in the rows
+    h, w, stride = 50, 64, 10 ** 6
+    s = torch.full((h, w), 3.0)
+    between = torch.arange(0, h * stride, 97, dtype=torch.int64)
+    inside = torch.tensor([i * stride + j for i in range(h) for j in (0, 5, w - 1)], dtype=torch.int64)
+    kept = torch.unique(torch.cat([between, inside]))
+    pos, _ = free_candidates(s, 1.0, False, kept, 0, stride)
+    want = torch.tensor([i * stride + j for i in range(h) for j in range(w)], dtype=torch.int64)
+    want = want[~torch.isin(want, kept)]
+    assert torch.equal(pos, want)
+
+
+@pytest.mark.parametrize("scores,stride,match", [
+    (torch.ones(4), 4, "with stride > 0, scores must be 2-D"),
+    (torch.ones(2, 5), 4, r"a row of scores \(5 entries\) is wider than stride \(4\)"),
+    (torch.ones(2, 2), -1, "stride must be >= 0"),
+])
+def test_bad_stride_is_named(scores, stride, match):
+    with pytest.raises(ValueError, match=match):
+        free_candidates(scores, 0.5, False, torch.zeros(0, dtype=torch.int64), 0, stride)
+    with pytest.raises(ValueError, match=match):        # the torch form other devices run
+        _checked(scores, 0.5, False, torch.zeros(0, dtype=torch.int64), 0, stride)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparsekern.formats import SparseTopology, count_per_index, row_ids
+from sparsekern.sampling import is_member, merge_sorted_slots
 
 
 def active_positions(topo: SparseTopology) -> torch.Tensor:
@@ -48,18 +49,19 @@ def update_topology(topo: SparseTopology, drop: torch.Tensor, grow: torch.Tensor
         raise ValueError(f"grow positions must be in [0, {R * C})")
     old_lin = active_positions(topo) if positions is None else positions.to(topo.col_indices.device)
     keep_idx = torch.nonzero(~drop).flatten()
-    new_lin = torch.cat([old_lin[keep_idx], grow.to(old_lin.device)])
-    src = torch.cat([keep_idx, torch.full((k,), -1, dtype=torch.int64, device=keep_idx.device)])
-    # Positions are unique, so any sort gives the same order; int32 keys (when R*C fits)
-    # sort about twice as fast as int64 on CPU.
-    if R * C < 2**31:
-        order = torch.sort(new_lin.to(torch.int32)).indices
-        new_lin = new_lin[order]
-    else:
-        new_lin, order = torch.sort(new_lin)
-    src = src[order]
-    if new_lin.numel() > 1 and bool((new_lin[1:] == new_lin[:-1]).any()):
-        raise ValueError("grow contains a position that is still active (or repeats one)")
+    kept = old_lin[keep_idx]                                  # ascending: storage order is
+    grow = grow.to(old_lin.device)
+    if k > 1 and not bool((grow[1:] > grow[:-1]).all()):      # RigL's are ascending, SET's drawn
+        grow = torch.sort(grow).values
+    if k > 1 and bool((grow[1:] == grow[:-1]).any()):
+        raise ValueError("grow repeats a position (or contains one that is still active)")
+    # merge the two ascending lists (the grown entries placed by searchsorted): a sort of
+    # only the k grown positions, not of all nnz (0.26 vs 1.06 s at nnz 21.5M, k 6.4M)
+    if kept.numel() and k and bool(is_member(kept, grow).any()):
+        raise ValueError("grow contains a position that is still active")
+    new_lin, from_kept = merge_sorted_slots(kept, grow)
+    src = torch.full((nnzb,), -1, dtype=torch.int64, device=kept.device)
+    src[from_kept] = keep_idx
     counts = count_per_index(new_lin // C, R)
     row_offsets = torch.zeros_like(topo.row_offsets)
     row_offsets[1:] = torch.cumsum(counts, 0)

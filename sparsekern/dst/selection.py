@@ -65,10 +65,11 @@ def top_k_stable(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = N
     dev = scores.device
     if k <= 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
-    ok = torch.isfinite(scores)
+    # a finite sum means no NaN/Inf entry (one reduction, ~20x cheaper than isfinite at 21.5M)
+    ok = None if bool(torch.isfinite(scores.sum())) else torch.isfinite(scores)
     if eligible is not None:
-        ok &= eligible
-    n_ok = int(ok.sum())
+        ok = eligible if ok is None else ok & eligible
+    n_ok = n if ok is None else int(torch.count_nonzero(ok))
     if n_ok <= k:                       # every finite eligible entry, then non-finite ones by position
         if n_ok == n:
             return torch.arange(n, device=dev)
@@ -90,7 +91,7 @@ def top_k_stable(scores: torch.Tensor, k: int, eligible: torch.Tensor | None = N
     v = torch.kthvalue(vals, vals.numel() - k + 1).values            # the k-th largest
     above = vals > v
     tied = vals == v                  # the first k - |above| of them (in position order) are taken
-    take = above | (tied & (torch.cumsum(tied, 0) <= k - above.sum()))
+    take = above | (tied & (torch.cumsum(tied, 0) <= k - torch.count_nonzero(above)))
     return idx[take]                  # idx is ascending, so no sort of the k positions is needed
 
 
@@ -142,13 +143,17 @@ class RunningTopK:
     past the end of the previous tile); :meth:`result` gives the selected positions, int64
     ascending, on ``kept``'s device. Same ranking as :func:`top_k_stable` over the whole range.
 
-    How: the best k so far are kept in ascending position order, so array order is position
-    order and :func:`top_k_stable` of (best so far, newcomers) is the top k of their union
-    (the top k of a union is the top k of the parts' top k). Once the best k are all finite,
-    their smallest value ``t`` bounds every later tile: an entry of a later tile enters only
-    if it is finite and > t (equal to t it loses the tie to an earlier position), so a tile
-    costs one scan (``sparsekern::free_candidates``, one read of the tile on CPU); newcomers
-    are merged in batches of about k/4.
+    How: until the best k are k finite scores, they are kept in ascending position order, so
+    array order is position order and :func:`top_k_stable` of (best so far, newcomers) is the
+    top k of their union (the top k of a union is the top k of the parts' top k). From then
+    on a threshold ``t`` (at first their smallest value) bounds every later tile: an entry of
+    a later tile enters only if it is finite and > t (equal to t it loses the tie to an
+    earlier position, or is outranked by k others), so a tile costs one scan
+    (``sparsekern::free_candidates``, one read of the tile on CPU). Newcomers are merged in
+    batches of about k, and a merge does not select: it raises ``t`` to a sampled value that
+    at least k held scores exceed, checked by counting, and drops what falls at or below it
+    (:func:`_prune`), in any order; the exact top k (ties by position) is taken once, at
+    :meth:`result`.
     Memory: the best k, the pending newcomers and the caller's tile.
     """
 
@@ -173,7 +178,7 @@ class RunningTopK:
         n = scores.numel()
         self.end = start + n
         if not self.any_finite:
-            self.any_finite = bool(torch.isfinite(scores).any())
+            self.any_finite = n > 0 and (bool(torch.isfinite(scores.sum())) or bool(torch.isfinite(scores).any()))
         if self.k <= 0 or n == 0:
             return
         if self.threshold is None:              # the full rule on this tile, then merge at once
@@ -186,27 +191,100 @@ class RunningTopK:
         if pos.numel():
             self._pending.append((val, pos))
             self._pending_n += pos.numel()
-            if self._pending_n >= max(1, self.k // 4):
+            if self._pending_n >= max(1, self.k):
                 self._flush()
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        vals = ([] if self.val is None else [self.val]) + [v for v, _ in self._pending]
-        poss = [self.pos] + [p for _, p in self._pending]
-        self._pending, self._pending_n = [], 0
-        val, pos = torch.cat(vals), torch.cat(poss)
-        pick = top_k_stable(val, self.k)
-        self.val, self.pos = val[pick], pos[pick]
-        if self.val.numel() == self.k and bool(torch.isfinite(self.val).all()):
-            self.threshold = self.val.min()
+    def offer_band(self, blocks, stride: int, end: int, absolute: bool = False) -> None:
+        """Offer the positions ``[self.end, end)`` as 2-D blocks, in any order: ``blocks`` yields
+        ``(scores [h, w], start)``, entry ``(i, j)`` the score of position ``start + i * stride + j``
+        (the yielded tensor may be one buffer, rewritten between blocks: each is scanned at once).
+
+        Only once a threshold exists (``self.threshold`` set, after a tile has filled the best
+        k): it stays fixed through the band, whose positions all come after the held ones, so
+        an entry ties with it only to lose and ``free_candidates``'s strict ``>`` is the exact
+        rule. Held entries need no position order from then on (see :func:`_prune`).
+        """
+        if self.threshold is None:
+            raise RuntimeError("offer_band needs a threshold: offer a tile with add() first")
+        if end < self.end:
+            raise ValueError(f"tiles must come in ascending order: band ending at {end} after one ending at {self.end}")
+        t, lo = float(self.threshold), self.end
+        found = []
+        for s, start in blocks:
+            last = start + (s.shape[0] - 1) * stride + s.shape[1] if s.numel() else start
+            if start < lo or last > end:
+                raise ValueError(f"a block at positions [{start}, {last}) is outside the band [{lo}, {end})")
+            found.append(free_candidates(s, t, absolute, self.kept, start, stride))
+        self.end = end
+        found = [(p, v) for p, v in found if p.numel()]
+        if found:
+            self._pending.extend((v, p) for p, v in found)
+            self._pending_n += sum(p.numel() for p, _ in found)
+            if self._pending_n >= max(1, self.k):
+                self._flush()
+
+    def _flush(self, final: bool = False) -> None:
+        if self._pending:
+            vals = ([] if self.val is None else [self.val]) + [v for v, _ in self._pending]
+            poss = [self.pos] + [p for _, p in self._pending]
+            self._pending, self._pending_n = [], 0
+            val, pos = torch.cat(vals), torch.cat(poss)
+            if self.threshold is None:          # held in position order: the full rule
+                pick = top_k_stable(val, self.k)
+                self.val, self.pos = val[pick], pos[pick]
+                if self.val.numel() == self.k and bool(torch.isfinite(self.val).all()):
+                    self.threshold = self.val.min()
+            else:
+                self.val, self.pos, self.threshold = _prune(val, pos, self.k)
+        if final and self.threshold is not None:
+            self.val, self.pos = _top_k_by_position(self.val, self.pos, self.k)
 
     def result(self) -> torch.Tensor:
         """int64 ascending positions; :class:`NonFiniteScores` when no score offered was finite."""
-        self._flush()
+        self._flush(final=True)
         if self.k > 0 and not self.any_finite:
             raise NonFiniteScores("every dense-gradient score is NaN or Inf")
         return self.pos
+
+
+PRUNE_SLACK = 0.02
+
+
+def _top_k_by_position(val: torch.Tensor, pos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k entries of ``(val, pos)`` (all finite, any order, at least k) with the largest values,
+    ties going to the lower position, as ``(val, pos)`` sorted by position: only the ties
+    at the k-th value are ordered, not the whole."""
+    v = torch.kthvalue(val, val.numel() - k + 1).values if val.numel() > k else val.min()
+    take = val > v
+    short = k - int(torch.count_nonzero(take))
+    if short:
+        tied = torch.nonzero(val == v).flatten()
+        take[tied[torch.sort(pos[tied]).indices[:short]]] = True
+    pos, order = torch.sort(pos[take])
+    return val[take][order], pos
+
+
+def _prune(val: torch.Tensor, pos: torch.Tensor, k: int):
+    """Shrink the held entries (all finite, at least k, any order) to a little more than k and
+    raise the threshold: ``(val, pos, threshold)``.
+
+    Any ``t`` that at least k held entries strictly exceed is a valid threshold: an entry at
+    or below it (held, or of a later tile) cannot be among the top k, and every true top-k
+    entry is above it. ``t`` is read from a strided sample at rank ``k (1 + PRUNE_SLACK)`` and
+    checked by counting (no selection); when the count falls short, the exact k-th largest
+    (:func:`_top_k_by_position`) is used instead. The exact top k of what remains is taken
+    once, at :meth:`RunningTopK.result`.
+    """
+    n = val.numel()
+    if n > 2 * (1 << 16):
+        sample = torch.sort(val[:: n // (1 << 16)], descending=True).values
+        j = min(sample.numel() - 1, int(sample.numel() * k * (1 + PRUNE_SLACK) / n))
+        t = sample[j]
+        keep = torch.nonzero(val > t).flatten()      # one nonzero, two gathers: faster than two masks
+        if keep.numel() >= k:
+            return val[keep], pos[keep], t
+    val, pos = _top_k_by_position(val, pos, k)
+    return val, pos, val.min()
 
 
 def rigl_grow(grad_magnitude: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
