@@ -2,8 +2,11 @@
 
 A user's training step rarely has the cores to itself: DataLoader workers, a second job,
 a browser. Each case (fwd+bwd of one layer, dense and sparsekern side by side) is timed
-in alternating rounds, quiet and with ``--competitors`` busy processes (a pure-Python
-spin loop each, started and stopped by this script) sharing the cores. Reported per
+in alternating rounds, quiet and with ``--competitors`` busy processes (started and stopped
+by this script) sharing the cores. Two kinds of neighbour (``--neighbours``): ``spin``, a
+pure-Python spin loop (one busy thread), and ``gemm``, a torch process multiplying
+1024 x 1024 matrices on as many OpenMP threads as there are cores (another training job:
+its threads spin at barriers too, the harsher case for fine-grained parallel regions). Reported per
 case: each side's slowdown (loaded time / quiet time, medians) and their ratio,
 ``sparse slowdown / dense slowdown``; the goal is <= 1.3 (a sparse op may suffer at most
 30% more than dense from the same neighbour).
@@ -36,6 +39,9 @@ from sparsekern.nn import SparseConv2d, SparseLinear  # noqa: E402
 
 GOAL = 1.3
 SPIN = "import time\nwhile True:\n    pass\n"
+GEMM = ("import os, torch\ntorch.set_num_threads(os.cpu_count())\na = torch.randn(1024, 1024)\n"
+        "while True:\n    a @ a\n")
+NEIGHBOURS = {"spin": SPIN, "gemm": GEMM}
 
 
 def cases(quick: bool):
@@ -69,14 +75,16 @@ def step_fn(module, shape):
 
 
 class Competitors:
-    """``n`` busy processes for the duration of a ``with`` block."""
+    """``n`` busy processes of kind ``neighbour`` (see ``NEIGHBOURS``) for the duration of a ``with`` block."""
 
-    def __init__(self, n: int):
-        self.n, self.procs = n, []
+    def __init__(self, n: int, neighbour: str = "spin"):
+        if neighbour not in NEIGHBOURS:
+            raise ValueError(f"neighbour must be one of {sorted(NEIGHBOURS)}, got {neighbour!r}")
+        self.n, self.neighbour, self.procs = n, neighbour, []
 
     def __enter__(self):
-        self.procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(self.n)]
-        time.sleep(0.3)             # let them reach their loop
+        self.procs = [subprocess.Popen([sys.executable, "-c", NEIGHBOURS[self.neighbour]]) for _ in range(self.n)]
+        time.sleep(0.3 if self.neighbour == "spin" else 1.5)     # let them reach their loop (torch imports)
         return self
 
     def __exit__(self, *exc):
@@ -86,14 +94,14 @@ class Competitors:
             p.wait()
 
 
-def measure(dense_fn, sparse_fn, rounds: int, reps: int, competitors: int) -> dict:
+def measure(dense_fn, sparse_fn, rounds: int, reps: int, competitors: int, neighbour: str = "spin") -> dict:
     """Median ms of dense and sparse, quiet and loaded, rounds alternating."""
     t = {(side, load): [] for side in ("dense", "sparse") for load in ("quiet", "loaded")}
     for fn in (dense_fn, sparse_fn):
         fn(), fn()
     for _ in range(rounds):
         for load in ("quiet", "loaded"):
-            ctx = Competitors(competitors) if load == "loaded" else None
+            ctx = Competitors(competitors, neighbour) if load == "loaded" else None
             if ctx:
                 ctx.__enter__()
             try:
@@ -114,15 +122,15 @@ def measure(dense_fn, sparse_fn, rounds: int, reps: int, competitors: int) -> di
 def table(meta, rows) -> str:
     lines = [f"CPU: {meta['cpu']} ({meta['cpu_vendor']} {meta['cpu_family_model']}, kernels "
              f"{meta['kernels']}), {meta['threads']} threads on {meta['cores']} cores, torch {meta['torch']}, "
-             f"{meta['competitors']} busy competitor process(es), OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
+             f"{meta['competitors']} busy competitor process(es) per loaded round, OMP_WAIT_POLICY={meta['omp_wait_policy']}, "
              f"{meta['date']}. fwd+bwd medians, {meta['rounds']} alternating quiet/loaded rounds of "
              f"{meta['reps']} steps each side.", "",
-             "| case | dense quiet ms | dense loaded ms | sparse quiet ms | sparse loaded ms | dense slowdown "
+             "| case | neighbour | dense quiet ms | dense loaded ms | sparse quiet ms | sparse loaded ms | dense slowdown "
              "| sparse slowdown | sparse/dense slowdown (goal <= 1.3) | speedup quiet | speedup loaded |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = "met" if r["relative_slowdown"] <= GOAL else "MISSED"
-        lines.append(f"| {r['case']} | {r['dense_quiet_ms']:.1f} | {r['dense_loaded_ms']:.1f} | "
+        lines.append(f"| {r['case']} | {r.get('neighbour', 'spin')} | {r['dense_quiet_ms']:.1f} | {r['dense_loaded_ms']:.1f} | "
                      f"{r['sparse_quiet_ms']:.1f} | {r['sparse_loaded_ms']:.1f} | {r['dense_slowdown']:.2f}x | "
                      f"{r['sparse_slowdown']:.2f}x | {r['relative_slowdown']:.2f} ({ok}) | "
                      f"{r['speedup_quiet']:.2f}x | {r['speedup_loaded']:.2f}x |")
@@ -135,7 +143,7 @@ def plot(rows):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(9, 4))
-        names = [r["case"] for r in rows]
+        names = [f"{r['case']} ({r.get('neighbour', 'spin')})" for r in rows]
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r["dense_slowdown"] for r in rows], 0.4, label="dense slowdown")
         ax.bar([x + 0.2 for x in xs], [r["sparse_slowdown"] for r in rows], 0.4, label="sparsekern slowdown")
@@ -152,6 +160,8 @@ def main(argv=None):
     p = base_parser(__doc__, "one case, 3 rounds", ())
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--competitors", type=int, default=1, help="busy processes in the loaded rounds")
+    p.add_argument("--neighbours", nargs="+", choices=sorted(NEIGHBOURS), default=["spin", "gemm"],
+                   help="kinds of busy process, each measured in its own rounds")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
@@ -161,10 +171,11 @@ def main(argv=None):
             "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "(unset)")}
     rows = []
     for name, (dense, sparse, shape) in cases(args.quick).items():
-        r = measure(step_fn(dense, shape), step_fn(sparse, shape), rounds, reps, args.competitors)
-        rows.append({"case": name, **r})
-        print(f"{name}: dense x{r['dense_slowdown']:.2f}, sparse x{r['sparse_slowdown']:.2f}, "
-              f"relative {r['relative_slowdown']:.2f}", flush=True)
+        for kind in args.neighbours:
+            r = measure(step_fn(dense, shape), step_fn(sparse, shape), rounds, reps, args.competitors, kind)
+            rows.append({"case": name, "neighbour": kind, **r})
+            print(f"{name} ({kind}): dense x{r['dense_slowdown']:.2f}, sparse x{r['sparse_slowdown']:.2f}, "
+                  f"relative {r['relative_slowdown']:.2f}", flush=True)
     write_results(args.out, "contention_cpu" + ("_quick" if args.quick else ""), meta, rows, table(meta, rows),
                   plot(rows))
 
