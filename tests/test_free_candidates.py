@@ -152,14 +152,15 @@ def loop_2d(scores, threshold, absolute, kept, start, stride):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("absolute", [False, True])
 @pytest.mark.parametrize("h,w,stride,start", [(1, 1, 1, 0), (3, 5, 5, 7), (20, 33, 1000, 12345),
                                                (40, 2000, 70000, 10 ** 9), (200, 700, 700, 3), (0, 4, 9, 0)])
-def test_block_with_a_row_stride_equals_reference_and_definition(threads, absolute, h, w, stride, start):
+def test_block_with_a_row_stride_equals_reference_and_definition(threads, dtype, absolute, h, w, stride, start):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        s = tile(h * w, torch.float32, seed=h + w).reshape(h, w)
+        s = tile(h * w, dtype, seed=h + w).reshape(h, w)
         span = max(1, (h - 1) * stride + w) if h else 1
         kept = kept_for(span, start, seed=w, frac=0.002 if span > 10 ** 6 else 0.3)
         pos, val = free_candidates(s, 1.5, absolute, kept, start, stride)

@@ -38,13 +38,12 @@ def reference(scores: torch.Tensor, threshold: float, absolute: bool, kept: torc
               start: int, stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch-ops form of the op (device-agnostic; a few passes over ``scores``)."""
     s = scores.reshape(-1)
-    width = scores.shape[1] if stride else max(1, s.numel())
     if absolute:
         s = s.abs()
     cand = torch.nonzero(s > threshold).flatten()
     if cand.numel():
         cand = cand[torch.isfinite(s[cand])]          # +Inf ranks below every finite score
-    pos = cand + start if not stride else start + cand // width * stride + cand % width
+    pos = cand + start if not stride else start + cand // scores.shape[1] * stride + cand % scores.shape[1]
     if cand.numel():
         lo, hi = torch.searchsorted(kept, torch.stack([pos[0], pos[-1] + 1])).tolist()
         free = ~is_member(kept[lo:hi], pos)
