@@ -72,7 +72,7 @@ def choose(built: list[str | None], flags: set[str], requested: str | None = Non
         return None, notes
     if requested:
         if requested not in VARIANTS:
-            notes.append(f"{REQUEST_ENV}={requested!r} is not a variant; choose from {tuple(VARIANTS)}")
+            notes.append(f"{REQUEST_ENV}={requested} is not a variant; choose from {tuple(VARIANTS)}")
         elif requested not in built:
             notes.append(f"{REQUEST_ENV}={requested}: that variant is not built (built: {built})")
         elif missing_flags(requested, flags):
