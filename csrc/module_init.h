@@ -1,6 +1,7 @@
 // The Python module entry point of a compiled sparsekern extension. Its name comes
-// from setup.py as SPARSEKERN_MODULE (e.g. _C_avx2, _C_cuda); the module holds no
-// functions: importing it runs the file's TORCH_LIBRARY(_IMPL) registrations.
+// from setup.py as SPARSEKERN_MODULE (e.g. _C_avx2, _C_cuda); importing it runs the
+// files' TORCH_LIBRARY(_IMPL) registrations. The ops are torch.library ops; the module's
+// own functions (SPARSEKERN_DEFINE_MODULE_WITH) only report what the build can do.
 #pragma once
 
 #include <Python.h>
@@ -14,10 +15,12 @@
 #define SPARSEKERN_STR2(a) #a
 #define SPARSEKERN_STR(a) SPARSEKERN_STR2(a)
 
-#define SPARSEKERN_DEFINE_MODULE()                                                      \
+#define SPARSEKERN_DEFINE_MODULE_WITH(methods)                                          \
   extern "C" PyObject* SPARSEKERN_CAT(PyInit_, SPARSEKERN_MODULE)(void) {               \
     static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT,                      \
                                             SPARSEKERN_STR(SPARSEKERN_MODULE), nullptr, \
-                                            -1, nullptr};                               \
+                                            -1, methods};                               \
     return PyModule_Create(&module_def);                                                \
   }
+
+#define SPARSEKERN_DEFINE_MODULE() SPARSEKERN_DEFINE_MODULE_WITH(nullptr)

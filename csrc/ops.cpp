@@ -16,5 +16,18 @@
 //   t_offsets   int32 [C+1], t_indices int32 [nnz], t_perm int32 [nnz]:
 //               W^T; entry j of W^T is values[t_perm[j]] (never a copy)
 #include "module_init.h"
+#include "cpu/tile_kernels_bf16dot.h"
 
-SPARSEKERN_DEFINE_MODULE()
+namespace {
+// sparsekern._C*.bf16_dot_supported(): whether the bf16 linear kernels can take the
+// AVX512-BF16 path here (this build has it and the CPU runs it).
+PyObject* bf16_dot_supported(PyObject*, PyObject*) {
+  return PyBool_FromLong(sparsekern::cpu::bf16_dot_supported() ? 1 : 0);
+}
+PyMethodDef methods[] = {
+    {"bf16_dot_supported", bf16_dot_supported, METH_NOARGS,
+     "Whether the bf16 CPU linear kernels can use AVX512-BF16 (vdpbf16ps) on this CPU."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+SPARSEKERN_DEFINE_MODULE_WITH(methods)

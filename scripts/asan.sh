@@ -4,7 +4,7 @@
 #   bash scripts/asan.sh           # every kernel, module and bad-input test file
 #   bash scripts/asan.sh --quick   # the CI subset (a few minutes): races, block sizes,
 #                                  # extreme geometry, non-finite values, the fuzz of every
-#                                  # op, bad input, construction edge cases
+#                                  # op, bad input, construction edge cases, bf16/fp16 tiles
 #
 # Builds a scratch copy of the tree (tracked and untracked, not ignored files) in
 # build/asan with SPARSEKERN_SANITIZE=address,undefined (-O1 -g, every report fatal),
@@ -45,15 +45,16 @@ assert sparsekern.extension_available(); print('asan: sanitized sparsekern from'
 
 if [ "$mode" = "--quick" ]; then
   files=(tests/test_kernel_safety.py tests/test_bad_input.py tests/test_construction_edges.py
-         tests/test_free_candidates.py tests/test_csr_transpose.py)
-  # (the fuzz in test_kernel_safety.py covers every conv and linear op)
+         tests/test_free_candidates.py tests/test_csr_transpose.py tests/test_reduced_precision.py)
+  # (the fuzz in test_kernel_safety.py covers every conv and linear op in fp32/fp64,
+  # test_reduced_precision.py's every bf16/fp16 linear tile path)
   "$PY" -m pytest -q -p no:cacheprovider "${files[@]}" || report
 else
   "$PY" -m pytest -q -p no:cacheprovider tests/test_kernel_safety.py tests/test_bad_input.py \
     tests/test_ops.py tests/test_conv.py tests/test_conv_module.py tests/test_linear.py \
     tests/test_formats.py tests/test_opcheck_gradcheck.py tests/test_dst.py \
     tests/test_load_atomic.py tests/test_construction_edges.py tests/test_dst_robust.py \
-    tests/test_free_candidates.py tests/test_csr_transpose.py || report
+    tests/test_free_candidates.py tests/test_csr_transpose.py tests/test_reduced_precision.py || report
 fi
 ls "$DEST"/sanitizer-report.* >/dev/null 2>&1 && report
 echo "asan: no sanitizer report"

@@ -16,7 +16,7 @@ ROOT="$PWD"
 PY="${PYTHON:-python3}"
 DEST="${SPARSEKERN_VARIANTS_DIR:-$ROOT/build/variants}"
 files=(tests/test_linear.py tests/test_conv.py tests/test_ops.py tests/test_conv_module.py
-       tests/test_kernel_safety.py tests/test_cpu_variants.py)
+       tests/test_kernel_safety.py tests/test_cpu_variants.py tests/test_reduced_precision.py)
 
 mkdir -p "$DEST"
 git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$DEST"

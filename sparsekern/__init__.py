@@ -16,6 +16,7 @@ Public API:
     sparse_conv2d, conv_geometry functional conv with a sparse weight
     select_backend, BACKENDS     which kernel runs where, and why not
     cpu_kernel_variant           which build of the CPU kernels this CPU runs (AVX-512, AVX2, base)
+    cpu_bf16_dot_supported       whether the bf16 CPU kernels use AVX512-BF16 dot products here
 """
 from sparsekern import _ext
 from sparsekern._version import __version__
@@ -29,11 +30,12 @@ from sparsekern import methods  # noqa: E402  (needs dst)
 
 extension_available = _ext.available
 cpu_kernel_variant = _ext.cpu_variant
+cpu_bf16_dot_supported = _ext.cpu_bf16_dot_supported
 
 __all__ = [
     "SparseLinear", "SparseConv2d", "SparseConv1D", "SparseMultiheadAttention", "SparseWeight",
     "from_pretrained", "CSRTopology", "BSRTopology", "SparseTopology", "check_structure",
     "sparse_linear", "sparse_conv2d", "conv_geometry", "select_backend", "BACKENDS", "extension_available",
-    "cpu_kernel_variant",
+    "cpu_kernel_variant", "cpu_bf16_dot_supported",
     "sparsify", "densify", "SparsityReport", "dst", "methods",
 ]

@@ -91,6 +91,13 @@ def cpu_variant() -> str | None:
     return _cpu_isa.describe(_variant) if load() else None
 
 
+def cpu_bf16_dot_supported() -> bool:
+    """Whether the bf16 CPU linear kernels take the AVX512-BF16 path (``vdpbf16ps``) on
+    this CPU: the loaded build has it and the CPU reports avx512_bf16. Setting
+    ``SPARSEKERN_CPU_BF16_DOT=0`` makes them widen bf16 to fp32 instead (read per call)."""
+    return bool(load() and getattr(_module, "bf16_dot_supported", lambda: False)())
+
+
 def missing_reason() -> str | None:
     """Why the extension is unavailable, or None when it is loaded."""
     return None if load() else f"sparsekern's CPU kernels are not built ({_import_error})"

@@ -8,9 +8,13 @@ operands, or ``nn.Linear``/``nn.Conv2d`` under the same autocast), at 1 and 2 th
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparsekern as sk
-from sparsekern.testing import make_conv, make_linear
+from sparsekern.testing import make_conv, make_linear, make_topology
+
+from conftest import num_threads
 
 REDUCED = [torch.bfloat16, torch.float16]
 CASES = {
@@ -61,6 +65,20 @@ def sparse_results(layer, x, dy):
 @pytest.mark.parametrize("dtype", REDUCED, ids=str)
 @pytest.mark.parametrize("case", CASES)
 def test_reduced_precision_error_within_twice_torchs(case, dtype, threads):
+    check_error_within_twice_torchs(case, dtype, threads)
+
+
+@pytest.mark.parametrize("route", ["direct", "im2col"])
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("conv")])
+def test_reduced_precision_conv_on_both_routes(case, dtype, route, threads, monkeypatch):
+    """The im2col route runs bf16/fp16 through the native linear tiles, the direct route
+    through fp32 copies: both within the bound, every op forced onto each route."""
+    monkeypatch.setenv("SPARSEKERN_CPU_CONV_ROUTE", route)
+    check_error_within_twice_torchs(case, dtype, threads)
+
+
+def check_error_within_twice_torchs(case, dtype, threads):
     layer, shape = CASES[case]()
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(*shape, dtype=torch.float64, generator=gen)
@@ -128,3 +146,125 @@ def test_half_and_bfloat16_modules_and_the_errors_that_name_the_dtype():
         torch.ops.sparsekern.sddmm(torch.randn(3, 8).half(), x.bfloat16(), *layer.topology.topology(), 1)
     with pytest.raises(NotImplementedError, match="dtype torch.int32 not in"):
         sk.select_backend(x.int(), v.int())
+
+
+# ------------------------------------------------------- native 16-bit tiles, every path
+# The linear kernels keep bf16/fp16 tiles and widen them in registers (csrc/cpu/tile_lanes.h),
+# or, for bf16 on CPUs with AVX512-BF16, multiply them pairwise with vdpbf16ps
+# (tile_kernels_bf16dot.h). Against the fp32 kernels on the same (16-bit) inputs:
+# - every path: within one step of the dtype of the fp32 result, plus an fp32-reordering
+#   term of 2^-16 of the sum of |terms| (the sums may run in another order; a missing,
+#   doubled or misplaced term is far outside this);
+# - the widening path's y and dX sum in the fp32 kernels' order: equal, rounded once.
+# The fp32 kernels are checked against float64 in test_ops.py, the error bound against
+# torch above.
+
+DOT_SETTINGS = ["0", "1"] if sk.cpu_bf16_dot_supported() else ["0"]
+
+
+@st.composite
+def native_cases(draw):
+    layout, b = draw(st.sampled_from([("csr", 1), ("bsr", 4), ("bsr", 8), ("bsr", 16)]))
+    mult = 1 if b > 1 else draw(st.integers(1, 9))
+    out_f = draw(st.integers(1, 6)) * b * mult
+    in_f = draw(st.integers(1, 6)) * b * (1 if b > 1 else draw(st.integers(1, 9)))
+    M = draw(st.sampled_from([1, 3, 8, 9, 31, 33, 64, 130, 257]))
+    return (layout, b, M, out_f, in_f, draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+            draw(st.sampled_from(REDUCED)), draw(st.booleans()), draw(st.integers(0, 2**31 - 1)))
+
+
+def within_reordering(got, want32, abs_sum, dtype):
+    fi = torch.finfo(dtype)
+    w = want32.to(dtype).double()
+    bound = w.abs() * fi.eps + fi.tiny * fi.eps + abs_sum * 2.0**-16
+    return bool(((got.double() - w).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("dot", DOT_SETTINGS, ids=lambda d: f"bf16dot{d}")
+def test_native_16bit_kernels_match_the_fp32_kernels(dot, monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_CPU_BF16_DOT", dot)
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(native_cases())
+    def check(case):
+        layout, b, M, out_f, in_f, density, dtype, x_transposed, seed = case
+        topo = make_topology(out_f, in_f, density, layout, b, dtype, empty_rows=(0,), seed=seed)
+        meta = topo.topology()
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(M, in_f, generator=g).to(dtype)
+        if x_transposed:  # a [in, M] buffer read through its transpose: the packing's copy path
+            x = x.t().contiguous().t()
+        dy = torch.randn(M, out_f, generator=g).to(dtype)
+        bias = torch.randn(out_f, generator=g).to(dtype)
+        v = topo.values.detach()
+        W = topo.to_dense().double().abs()
+        abs_sums = (x.double().abs() @ W.t() + bias.double().abs(), dy.double().abs() @ W,
+                    topo.to_dense(values=torch.ones_like(v)).double().ne(0)
+                    * (dy.double().abs().t() @ x.double().abs()))
+        ops = torch.ops.sparsekern
+        v32 = v.float()
+        for n in (1, 2):
+            with num_threads(n):
+                got = (ops.spmm(x, v, *meta, bias), ops.spmm_t(dy, v, *meta), ops.sddmm(dy, x, *meta, b))
+                want = (ops.spmm(x.float(), v32, *meta, bias.float()), ops.spmm_t(dy.float(), v32, *meta),
+                        ops.sddmm(dy.float(), x.float(), *meta, b))
+            got_dw = topo.to_dense(values=got[2]).double()
+            want_dw = topo.to_dense(values=want[2])
+            for what, g_, w, a in zip(("y", "dX", "dW"), (got[0], got[1], got_dw), (want[0], want[1], want_dw),
+                                      abs_sums):
+                assert got[("y", "dX", "dW").index(what)].dtype == dtype, what
+                assert within_reordering(g_, w, a, dtype), f"{what}: {case}, {n} threads"
+            if dot == "0" or dtype == torch.float16:
+                assert torch.equal(got[0], want[0].to(dtype)), f"y: {case}, {n} threads"
+                assert torch.equal(got[1], want[1].to(dtype)), f"dX: {case}, {n} threads"
+
+    check()
+
+
+def test_bf16_dot_kernels_differ_from_the_widening_path_only_in_rounding(monkeypatch):
+    """On a CPU with AVX512-BF16 the two bf16 paths must both run (a switch that does nothing
+    would make the test above compare one path with itself) and agree closely."""
+    if not sk.cpu_bf16_dot_supported():
+        pytest.skip("this CPU (or build) has no AVX512-BF16 kernels")
+    topo = make_topology(512, 768, 0.3, "csr", 1, torch.bfloat16, seed=7)
+    x = torch.randn(96, 768).bfloat16()
+    outs = {}
+    for dot in ("0", "1"):
+        monkeypatch.setenv("SPARSEKERN_CPU_BF16_DOT", dot)
+        outs[dot] = torch.ops.sparsekern.spmm(x, topo.values.detach(), *topo.topology(), None)
+    assert not torch.equal(outs["0"], outs["1"])  # another summation order somewhere
+    torch.testing.assert_close(outs["0"], outs["1"], rtol=2**-7, atol=1e-2)
+
+
+TIES = {  # pairs (a, b), rounded to the dtype as inputs, whose fp32 sums need rounding
+    torch.bfloat16: [(1.0, 2**-8), (1.0078125, 2**-8), (-1.0, -2**-8), (3.0, 2**-7), (256.0, 1.0),
+                     (3.3895e38, 3.3895e38)],
+    torch.float16: [(1.0, 2**-11), (1.0009765625, 2**-11), (-1.0, -2**-11), (2048.0, 1.0),
+                    (65504.0, 16.0), (65504.0, 8.0), (2**-14, 2**-25), (2**-24, 2**-25)],
+}
+SUBNORMAL_BF16 = [(1e-38, 1e-40), (2**-126, 2**-134)]  # bf16 subnormal inputs or sums
+SPECIAL = [(float("inf"), 1.0), (-float("inf"), 1.0), (float("inf"), -float("inf")),
+           (float("nan"), 1.0), (0.0, -0.0), (7.0, 0.5), (-1.5, 0.25)]
+
+
+@pytest.mark.parametrize("dot", DOT_SETTINGS, ids=lambda d: f"bf16dot{d}")
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_rounding_of_the_native_stores_is_torchs(dtype, dot, monkeypatch):
+    """Sums at rounding ties, at overflow, subnormal and non-finite, rounded by the kernels'
+    vector stores (the 8x8 transposed blocks and the ragged edge) agree with torch's cast of
+    the same fp32 sums bit for bit, NaN as NaN. The AVX512-BF16 path reads bf16 subnormals as
+    zero and flushes subnormal sums (vdpbf16ps's DAZ/FTZ, as oneDNN's bf16 matmul on the same
+    CPUs): subnormal cases are checked on the widening path only."""
+    monkeypatch.setenv("SPARSEKERN_CPU_BF16_DOT", dot)
+    pairs = TIES[dtype] + SPECIAL + (SUBNORMAL_BF16 if dtype == torch.bfloat16 and dot == "0" else [])
+    a = torch.tensor([p[0] for p in pairs]).to(dtype)
+    b = torch.tensor([p[1] for p in pairs]).to(dtype)
+    k = len(pairs)
+    x = torch.cat([a, b]).repeat(19, 1)  # 19 rows: two 8x8 blocks and a ragged edge
+    w = torch.cat([torch.eye(k), torch.eye(k)], 1)  # y[:, j] = x[:, j] + x[:, k + j]
+    topo = sk.CSRTopology.from_dense(w)
+    y = torch.ops.sparsekern.spmm(x, topo.values.detach().to(dtype), *topo.topology(), None)
+    want = (a.float() + b.float()).to(dtype).repeat(19, 1)
+    assert not torch.equal(want.float(), (a.float() + b.float()).repeat(19, 1))  # rounding happened
+    assert torch.equal(y.isnan(), want.isnan())
+    assert torch.equal(y[~want.isnan()], want[~want.isnan()])

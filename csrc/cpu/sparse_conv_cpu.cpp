@@ -1,6 +1,6 @@
 // CPU launchers for sparsekern::conv2d, conv2d_dx and conv2d_dw (direct sparse
-// convolution, CSR and BSR weights, fp32/fp64; bf16/fp16 through the fp32 kernels:
-// reduced_precision.h). Each checks its inputs, builds
+// convolution, CSR and BSR weights, fp32/fp64; bf16/fp16 natively on the im2col route,
+// through fp32 copies on the direct kernels: reduced_precision.h). Each checks its inputs, builds
 // the entry tables and padded buffers, and hands them to run_bands:
 //   conv_geometry.h   the geometry and every size derived from it (checked)
 //   conv_entries.h    per-plane entry tables (window offset, value index)
@@ -39,12 +39,10 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values, const at
                       const at::Tensor& col_indices, const at::Tensor& t_offsets,
                       const at::Tensor& t_indices, const at::Tensor& t_perm,
                       const c10::optional<at::Tensor>& bias, c10::IntArrayRef geometry) {
-  if (is_reduced(values) || is_reduced(x_in)) {
+  const bool reduced = is_reduced(values) || is_reduced(x_in);
+  if (reduced) {
     check_same_dtype(x_in, values, "x", "values");
     check_same_dtype(bias, values, "bias", "values");
-    return conv2d_cpu(to_fp32(x_in), to_fp32(values), row_offsets, col_indices, t_offsets, t_indices,
-                      t_perm, to_fp32(bias), geometry)
-        .to(values.scalar_type());
   }
   check_act(x_in, values, "x");
   const auto s = check_conv(values, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry,
@@ -54,6 +52,10 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& values, const at
   if (s.N * s.Cout * s.OH * s.OW > 0 && use_im2col(ConvOp::kForward, s, values.numel()) &&
       at::isfinite(values).all().item<bool>())
     return conv2d_im2col(x_in, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, bias, s);
+  if (reduced)  // the direct kernels compute in fp32
+    return conv2d_cpu(to_fp32(x_in), to_fp32(values), row_offsets, col_indices, t_offsets, t_indices,
+                      t_perm, to_fp32(bias), geometry)
+        .to(values.scalar_type());
   at::Tensor y = at::empty({s.N, s.Cout, s.OH, s.OW}, x_in.options());
   if (y.numel() == 0) return y;
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -76,12 +78,8 @@ at::Tensor conv2d_dx_cpu(const at::Tensor& dy_in, const at::Tensor& values,
                          const at::Tensor& t_offsets, const at::Tensor& t_indices,
                          const at::Tensor& t_perm, c10::IntArrayRef geometry,
                          c10::IntArrayRef input_size) {
-  if (is_reduced(values) || is_reduced(dy_in)) {
-    check_same_dtype(dy_in, values, "dy", "values");
-    return conv2d_dx_cpu(to_fp32(dy_in), to_fp32(values), row_offsets, col_indices, t_offsets,
-                         t_indices, t_perm, geometry, input_size)
-        .to(values.scalar_type());
-  }
+  const bool reduced = is_reduced(values) || is_reduced(dy_in);
+  if (reduced) check_same_dtype(dy_in, values, "dy", "values");
   TORCH_CHECK_VALUE(input_size.size() == 4, "input_size must be [N, C, H, W], got ", input_size);
   const auto s = check_conv(values, row_offsets, col_indices, t_offsets, t_indices, t_perm, geometry,
                             input_size[0], input_size[1], input_size[2], input_size[3]);
@@ -100,6 +98,10 @@ at::Tensor conv2d_dx_cpu(const at::Tensor& dy_in, const at::Tensor& values,
     check_indices_below(t_perm, s.tv.nnz, "t_perm");
     return conv2d_dx_im2col(dy_in, values, row_offsets, col_indices, t_offsets, t_indices, t_perm, s);
   }
+  if (reduced)  // the direct kernels compute in fp32
+    return conv2d_dx_cpu(to_fp32(dy_in), to_fp32(values), row_offsets, col_indices, t_offsets,
+                         t_indices, t_perm, geometry, input_size)
+        .to(values.scalar_type());
   const at::Tensor dy = dy_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "sparsekern_conv2d_dx_cpu", [&] {
     const std::vector<int64_t> bad = nonfinite_values<scalar_t>(values);
@@ -136,12 +138,8 @@ at::Tensor conv2d_dw_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                          const at::Tensor& row_offsets, const at::Tensor& col_indices,
                          const at::Tensor& t_offsets, const at::Tensor& t_indices,
                          const at::Tensor& t_perm, c10::IntArrayRef geometry, int64_t block_size) {
-  if (is_reduced(x_in) || is_reduced(dy_in)) {
-    check_same_dtype(dy_in, x_in, "dy", "x");
-    return conv2d_dw_cpu(to_fp32(dy_in), to_fp32(x_in), row_offsets, col_indices, t_offsets,
-                         t_indices, t_perm, geometry, block_size)
-        .to(x_in.scalar_type());
-  }
+  const bool reduced = is_reduced(x_in) || is_reduced(dy_in);
+  if (reduced) check_same_dtype(dy_in, x_in, "dy", "x");
   check_block_size(block_size, "block_size");
   TORCH_CHECK_VALUE(x_in.dim() == 4, "x must be 4-D [N, C, H, W], got shape ", x_in.sizes());
   check_int32_size(checked_mul(checked_mul(col_indices.numel(), block_size, "values size"),
@@ -160,6 +158,10 @@ at::Tensor conv2d_dw_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   if (use_im2col(ConvOp::kDW, s, out.numel()))
     return conv2d_dw_im2col(dy_in, x_in, row_offsets, col_indices, t_offsets, t_indices, t_perm,
                             block_size, s);
+  if (reduced)  // the direct kernels compute in fp32
+    return conv2d_dw_cpu(to_fp32(dy_in), to_fp32(x_in), row_offsets, col_indices, t_offsets,
+                         t_indices, t_perm, geometry, block_size)
+        .to(x_in.scalar_type());
   const at::Tensor dy = dy_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sparsekern_conv2d_dw_cpu", [&] {
     const Plan pl = make_plan<scalar_t>(s.OH, s.OW);

@@ -1,5 +1,5 @@
-// CPU launchers for sparsekern::spmm, spmm_t and sddmm (CSR and BSR, fp32/fp64; bf16/fp16
-// through the fp32 kernels: reduced_precision.h).
+// CPU launchers for sparsekern::spmm, spmm_t and sddmm (CSR and BSR; fp32, fp64, and
+// bf16/fp16 tiles with fp32 accumulation: tile_lanes.h).
 //
 // Every launcher validates what its kernel will read (shapes, dtypes, devices,
 // monotone offsets, every index in range) before the kernel runs; the kernels
@@ -29,6 +29,7 @@
 #include "linear_ops.h"
 #include "reduced_precision.h"
 #include "tile_kernels.h"
+#include "tile_kernels_bf16dot.h"
 
 namespace sparsekern {
 namespace cpu {
@@ -72,6 +73,16 @@ inline int64_t group_tiles(int64_t ntiles, int64_t bytes_per_tile) {
   return std::max<int64_t>(1, std::min<int64_t>(ntiles, kPackBudget / std::max<int64_t>(bytes_per_tile, 1)));
 }
 
+// Whether the AVX512-BF16 kernels (tile_kernels_bf16dot.h) exist for these tiles: bf16, T = 32.
+template <typename scalar_t, int NV>
+constexpr bool kDotTiles = SPARSEKERN_BF16_DOT && std::is_same<scalar_t, c10::BFloat16>::value && NV == 4;
+
+// The dtype of Acc<scalar_t>: the accumulators that outlive one kernel call.
+template <typename scalar_t>
+constexpr at::ScalarType acc_dtype() {
+  return c10::CppTypeToScalarType<Acc<scalar_t>>::value;
+}
+
 template <typename scalar_t, int T>
 void pack_range(const at::Tensor& x, int64_t n0, int64_t nvalid, int64_t cb, scalar_t* xt) {
   const int64_t K = x.size(1);
@@ -90,7 +101,7 @@ void pack_range(const at::Tensor& x, int64_t n0, int64_t nvalid, int64_t cb, sca
 }
 
 // y[M, R*bs] = x[M, C*bs] . A^T (+ bias) where A is W (forward) or, with
-// perm_t given, W^T read through t_perm (dX = dY . W).
+// perm_t given, W^T read through t_perm (dX = dY . W). bias, when given, holds Acc<scalar_t>.
 template <typename scalar_t, int NV>
 void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& values,
                  const at::Tensor& offs_t, const at::Tensor& idx_t, const at::Tensor* perm_t,
@@ -103,7 +114,7 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const int32_t* perm = transposed ? perm_t->data_ptr<int32_t>() : nullptr;
   const scalar_t* vals = values.data_ptr<scalar_t>();
-  const scalar_t* bp = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+  const Acc<scalar_t>* bp = bias.has_value() ? bias->data_ptr<Acc<scalar_t>>() : nullptr;
   scalar_t* yp = y.data_ptr<scalar_t>();
   const int64_t ldy = y.stride(0);
   const int nt = std::max(1, at::get_num_threads());
@@ -115,6 +126,7 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
   at::Tensor xt_t = at::empty({G * KT}, x.options());
   scalar_t* xt = xt_t.data_ptr<scalar_t>();
   const int64_t npack = (K + kPackCols - 1) / kPackCols;
+  const bool dot = kDotTiles<scalar_t, NV> && !tv.bsr && bf16_dot_enabled();
 #pragma omp parallel num_threads(nt)
   for (int64_t g0 = 0; g0 < ntiles; g0 += G) {
     const int64_t gn = std::min<int64_t>(G, ntiles - g0);
@@ -130,6 +142,17 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
       for (int64_t tile = 0; tile < gn; ++tile) {
         const int64_t n0 = (g0 + tile) * T, nvalid = std::min<int64_t>(T, M - n0);
         const scalar_t* xg = xt + tile * KT;
+#if SPARSEKERN_BF16_DOT
+        if constexpr (kDotTiles<scalar_t, NV>) {
+          if (dot) {
+            if (transposed)
+              csr_spmm_tile_dot<true>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
+            else
+              csr_spmm_tile_dot<false>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
+            continue;
+          }
+        }
+#endif
         if (!tv.bsr && transposed)
           csr_spmm_tile<scalar_t, NV, true>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
         else if (!tv.bsr)
@@ -154,27 +177,31 @@ void spmm_t_scatter_launch(const at::Tensor& dy, const TopologyView& tv, const a
   const int64_t M = dy.size(0), R = tv.rows, C = tv.cols;
   const int nt = std::max(1, at::get_num_threads());
   const int64_t ntiles = (M + T - 1) / T;
-  at::Tensor scratch = at::empty({nt * (R + C) * T}, dy.options());
-  scalar_t* sp = scratch.data_ptr<scalar_t>();
+  // Per thread: the packed dy tile (scalar_t) and the dx accumulators (Acc<scalar_t>).
+  at::Tensor dy_scratch = at::empty({nt * R * T}, dy.options());
+  at::Tensor dx_scratch = at::empty({nt * C * T}, dy.options().dtype(acc_dtype<scalar_t>()));
+  scalar_t* dyp_all = dy_scratch.data_ptr<scalar_t>();
+  Acc<scalar_t>* dxp_all = dx_scratch.data_ptr<Acc<scalar_t>>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
   const int32_t* offs = offs_t.data_ptr<int32_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const scalar_t* vals = values.data_ptr<scalar_t>();
 #pragma omp parallel num_threads(nt)
   {
-    scalar_t* dyt = sp + omp_get_thread_num() * (R + C) * T;
-    scalar_t* dxt = dyt + R * T;
+    scalar_t* dyt = dyp_all + omp_get_thread_num() * R * T;
+    Acc<scalar_t>* dxt = dxp_all + omp_get_thread_num() * C * T;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t n0 = tile * T, nvalid = std::min<int64_t>(T, M - n0);
       for (int64_t cb = 0; cb < R; cb += kPackCols) pack_range<scalar_t, T>(dy, n0, nvalid, cb, dyt);
-      std::fill(dxt, dxt + C * T, scalar_t(0));
+      std::fill(dxt, dxt + C * T, Acc<scalar_t>(0));
       csr_spmm_t_scatter_tile<scalar_t, NV>(offs, idx, vals, R, dyt, dxt);
       store_transposed<scalar_t, T>(dxt, C, dxp, dx.stride(0), n0, nvalid, 0);
     }
   }
 }
 
+// out holds Acc<scalar_t> (the sums over batch tiles are rounded once, by the caller).
 template <typename scalar_t, int NV>
 void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView& tv,
                   const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& out) {
@@ -182,7 +209,7 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
   const int64_t M = x.size(0), K = x.size(1), N = dy.size(1);
   const int32_t* offs = offs_t.data_ptr<int32_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
+  Acc<scalar_t>* op = out.data_ptr<Acc<scalar_t>>();
   const int nt = std::max(1, at::get_num_threads());
   const int nch = row_chunks(nt, tv.rows, 1);
   const auto bounds = balance_rows(offs, tv.rows, nch, 1);
@@ -195,6 +222,7 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
   scalar_t* dyt = dyt_t.data_ptr<scalar_t>();
   const int64_t npx = (K + kPackCols - 1) / kPackCols;
   const int64_t npy = (N + kPackCols - 1) / kPackCols;
+  const bool dot = kDotTiles<scalar_t, NV> && !tv.bsr && bf16_dot_enabled();
 #pragma omp parallel num_threads(nt)
   for (int64_t g0 = 0; g0 < ntiles; g0 += G) {
     const int64_t gn = std::min<int64_t>(G, ntiles - g0);
@@ -214,6 +242,17 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
         const bool add = g0 + tile > 0;
         const scalar_t* xg = xt + tile * KT;
         const scalar_t* dg = dyt + tile * NT;
+#if SPARSEKERN_BF16_DOT
+        if constexpr (kDotTiles<scalar_t, NV>) {
+          if (dot) {
+            if (add)
+              csr_sddmm_tile_dot<true>(offs, idx, dg, xg, bounds[ch], bounds[ch + 1], op);
+            else
+              csr_sddmm_tile_dot<false>(offs, idx, dg, xg, bounds[ch], bounds[ch + 1], op);
+            continue;
+          }
+        }
+#endif
         if (tv.bsr)
           bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, dg, xg, bounds[ch], bounds[ch + 1], add, op);
         else if (add)
@@ -227,11 +266,11 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
 
 // BSR dW in outer-product form when bs is a multiple of the column step
 // (one or two vectors) and of 8: parallel over block rows balanced by nonzero
-// blocks. Other block sizes take the tile form (returns false).
+// blocks. Other block sizes take the tile form (returns false). out holds Acc<scalar_t>.
 template <typename scalar_t>
 bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, const TopologyView& tv,
                             const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& out) {
-  constexpr int W = 32 / static_cast<int>(sizeof(scalar_t));
+  constexpr int W = kLanes<Acc<scalar_t>>;
   constexpr int kIR = 8;  // rows per register block: bs must be a multiple
   if (!tv.bsr || tv.bs % W != 0 || tv.bs % kIR != 0) return false;
   // Two vectors of columns per step only when they tile the block exactly
@@ -248,7 +287,7 @@ bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, con
   const int64_t jv = tv.bs % (2 * W) == 0 ? 2 : 1;
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  scalar_t* op = out.data_ptr<scalar_t>();
+  Acc<scalar_t>* op = out.data_ptr<Acc<scalar_t>>();
   const int64_t M = x.size(0), ldy = dy.stride(0), ldx = x.stride(0);
   // Batch chunks of 256 rows keep the x (256 x in) and dy panels in L2/L3.
   constexpr int64_t kChunk = 256;
@@ -302,13 +341,6 @@ at::Tensor spmm_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::
                     const at::Tensor& col_indices, const at::Tensor& t_offsets,
                     const at::Tensor& t_indices, const at::Tensor& t_perm,
                     const c10::optional<at::Tensor>& bias) {
-  if (is_reduced(values) || is_reduced(x_in)) {
-    check_same_dtype(x_in, values, "x", "values");
-    check_same_dtype(bias, values, "bias", "values");
-    return spmm_cpu(to_fp32(x_in), to_fp32(values), row_offsets, col_indices, t_offsets, t_indices,
-                    t_perm, to_fp32(bias))
-        .to(values.scalar_type());
-  }
   const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
   check_cpu(values, "values");
   const at::Tensor x = flatten_lead(x_in, "x");
@@ -316,10 +348,11 @@ at::Tensor spmm_cpu(const at::Tensor& x_in, const at::Tensor& values, const at::
   check_offsets_host(row_offsets, tv.nnz, "row_offsets");
   check_indices_below(col_indices, tv.cols, "col_indices");
   check_bias(bias, values, tv.rows * tv.bs);
-  const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
+  // The kernels add the bias in compute lanes: fp32 for bf16/fp16 (O(features)).
+  const auto b = bias.has_value() ? c10::optional<at::Tensor>(acc_copy(*bias)) : bias;
   at::Tensor y = at::empty({x.size(0), tv.rows * tv.bs}, x.options());
   if (y.numel() == 0) return y.view(with_last(x_in, tv.rows * tv.bs));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_spmm_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparsekern_spmm_cpu", [&] {
     by_tile_width<scalar_t>(
         x.size(0),
         [&] { spmm_launch<scalar_t, 4>(x, tv, values, row_offsets, col_indices, nullptr, b, y); },
@@ -332,12 +365,6 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
                       const at::Tensor& row_offsets, const at::Tensor& col_indices,
                       const at::Tensor& t_offsets, const at::Tensor& t_indices,
                       const at::Tensor& t_perm) {
-  if (is_reduced(values) || is_reduced(dy_in)) {
-    check_same_dtype(dy_in, values, "dy", "values");
-    return spmm_t_cpu(to_fp32(dy_in), to_fp32(values), row_offsets, col_indices, t_offsets, t_indices,
-                      t_perm)
-        .to(values.scalar_type());
-  }
   const auto tv = check_topology(values, row_offsets, col_indices, t_offsets, t_indices, t_perm);
   check_cpu(values, "values");
   const at::Tensor dy = flatten_lead(dy_in, "dy");
@@ -346,7 +373,7 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
   const auto out_shape = with_last(dy_in, tv.cols * tv.bs);
   if (dx.numel() == 0) return dx.view(out_shape);
   const c10::optional<at::Tensor> nobias;
-  AT_DISPATCH_FLOATING_TYPES(dy.scalar_type(), "sparsekern_spmm_t_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "sparsekern_spmm_t_cpu", [&] {
     constexpr int T = TileConfig<scalar_t, 4>::kTile;
     const int64_t ntiles = (dy.size(0) + T - 1) / T;
     if (!tv.bsr && ntiles >= 2 * at::get_num_threads()) {
@@ -371,13 +398,8 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
 at::Tensor sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& row_offsets,
                      const at::Tensor& col_indices, const at::Tensor& t_offsets,
                      const at::Tensor& t_indices, const at::Tensor& t_perm, int64_t block_size) {
-  if (is_reduced(x_in) || is_reduced(dy_in)) {
-    check_same_dtype(dy_in, x_in, "dy", "x");
-    return sddmm_cpu(to_fp32(dy_in), to_fp32(x_in), row_offsets, col_indices, t_offsets, t_indices,
-                     t_perm, block_size)
-        .to(x_in.scalar_type());
-  }
   check_block_size(block_size, "block_size");
+  check_same_dtype(dy_in, x_in, "dy", "x");
   // A values-shaped placeholder lets check_topology see the layout.
   TORCH_CHECK_VALUE(dy_in.dim() >= 1 && x_in.dim() >= 1 &&
                         dy_in.sizes().slice(0, dy_in.dim() - 1) == x_in.sizes().slice(0, x_in.dim() - 1),
@@ -395,15 +417,17 @@ at::Tensor sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in, const at::
   check_indices_below(col_indices, tv.cols, "col_indices");
   // Every kernel below writes each entry on its first batch tile: no zero fill.
   if (shape_probe.numel() == 0 || x.size(0) == 0) return at::zeros_like(shape_probe);
-  at::Tensor out = shape_probe;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparsekern_sddmm_cpu", [&] {
+  // bf16/fp16: the sums over batch tiles stay fp32 and are rounded once, here.
+  at::Tensor out = is_reduced(x) ? at::empty_like(shape_probe, shape_probe.options().dtype(at::kFloat))
+                                 : shape_probe;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sparsekern_sddmm_cpu", [&] {
     if (bsr_sddmm_outer_launch<scalar_t>(dy, x, tv, row_offsets, col_indices, out)) return;
     by_tile_width<scalar_t>(
         x.size(0),
         [&] { sddmm_launch<scalar_t, 4>(dy, x, tv, row_offsets, col_indices, out); },
         [&] { sddmm_launch<scalar_t, 1>(dy, x, tv, row_offsets, col_indices, out); });
   });
-  return out;
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 }  // namespace cpu

@@ -5,6 +5,12 @@
 // Xt[c][:]. The packed tile (C * T * sizeof(scalar) bytes, 512 KiB for
 // C = 4096, fp32) stays in the core's L2 while every row of W streams past it.
 //
+// Element types (tile_lanes.h): a tile holds the operands' dtype S (float,
+// double, bfloat16, float16) and computes in Acc<S> (fp32 for the 16-bit types):
+// 16-bit tiles are widened in registers, so they move half the bytes, and every
+// output is rounded once when stored. Accumulators that outlive one kernel
+// call (the dX scatter tile, dW across batch tiles) are Acc<S>.
+//
 // These kernels only do math and trust their inputs: the launchers
 // (sparse_matmul_cpu.cpp, checks.h) validate shapes, dtypes, offsets and every
 // index they read before any kernel runs (one vectorised pass per call).
@@ -21,25 +27,22 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
+#include "tile_lanes.h"
 
 namespace sparsekern {
 namespace cpu {
 
-// Tile geometry. NV vectors of 32 bytes per batch tile.
-template <typename scalar_t, int NV>
+// Tile geometry for elements S: NV vectors of 32 bytes of compute lanes per batch tile.
+template <typename S, int NV>
 struct TileConfig {
-  static constexpr int kVecBytes = 32;
-  static constexpr int kVecWidth = kVecBytes / static_cast<int>(sizeof(scalar_t));
+  using A = Acc<S>;
+  using Vec = Vec32<A>;
+  static constexpr int kVecWidth = kLanes<A>;
   static constexpr int kNV = NV;
   static constexpr int kTile = NV * kVecWidth;  // batch rows per tile
   static constexpr int kRowGroup = 16;          // output rows transposed per store
-  typedef scalar_t Vec __attribute__((vector_size(kVecBytes), aligned(kVecBytes)));
   static_assert(NV >= 1 && NV <= 8, "TileConfig: NV (vectors per tile) must be in [1, 8]");
-  static_assert(sizeof(scalar_t) == 4 || sizeof(scalar_t) == 8,
-                "TileConfig: only float32 and float64 are supported");
+  static_assert(sizeof(A) == 4 || sizeof(A) == 8, "TileConfig: compute lanes are float32 or float64");
 };
 
 // 8x8 fp32 transpose: dst[j * ldd + i] = src[i * lds + j] for i, j < 8.
@@ -68,6 +71,7 @@ inline bool transpose8x8(const scalar_t* src, int64_t lds, scalar_t* dst, int64_
     return true;
   }
 #endif
+  if constexpr (sizeof(scalar_t) == 2) return transpose8x8_16(src, lds, dst, ldd);
   (void)src, (void)lds, (void)dst, (void)ldd;
   return false;
 }
@@ -102,22 +106,37 @@ inline void pack_tile(const scalar_t* x, int64_t s0, int64_t s1, int64_t n0,
   }
 }
 
-// Write a [rows][T] buffer transposed into y[n0 + t][r0 + r], t < nvalid.
-template <typename scalar_t, int T>
-inline void store_transposed(const scalar_t* buf, int64_t rows, scalar_t* y,
+// 8x8 block of a compute-lane buffer, transposed and rounded to S:
+// dst[j * ldd + i] = S(src[i * lds + j]).
+template <typename S>
+inline bool transpose8x8_round(const Acc<S>* src, int64_t lds, S* dst, int64_t ldd) {
+  if constexpr (std::is_same<S, Acc<S>>::value) {
+    return transpose8x8(src, lds, dst, ldd);
+  } else {
+    alignas(32) float tmp[8 * 8];
+    if (!transpose8x8(src, lds, tmp, 8)) return false;
+    for (int j = 0; j < 8; ++j) round_store<S, false>(dst + j * ldd, widen_load<float>(tmp + 8 * j));
+    return true;
+  }
+}
+
+// Write a [rows][T] compute-lane buffer transposed into y[n0 + t][r0 + r], t < nvalid,
+// rounded to y's element type.
+template <typename S, int T>
+inline void store_transposed(const Acc<S>* buf, int64_t rows, S* y,
                              int64_t ldy, int64_t n0, int64_t nvalid, int64_t r0) {
   int64_t t = 0;
   for (; t + 8 <= nvalid; t += 8) {
-    scalar_t* yb = y + (n0 + t) * ldy + r0;
+    S* yb = y + (n0 + t) * ldy + r0;
     int64_t r = 0;
-    for (; r + 8 <= rows && transpose8x8(buf + r * T + t, T, yb + r, ldy); r += 8) {
+    for (; r + 8 <= rows && transpose8x8_round<S>(buf + r * T + t, T, yb + r, ldy); r += 8) {
     }
     for (int64_t tt = t; tt < t + 8; ++tt)
-      for (int64_t rr = r; rr < rows; ++rr) y[(n0 + tt) * ldy + r0 + rr] = buf[rr * T + tt];
+      for (int64_t rr = r; rr < rows; ++rr) y[(n0 + tt) * ldy + r0 + rr] = S(buf[rr * T + tt]);
   }
   for (; t < nvalid; ++t) {
-    scalar_t* yrow = y + (n0 + t) * ldy + r0;
-    for (int64_t r = 0; r < rows; ++r) yrow[r] = buf[r * T + t];
+    S* yrow = y + (n0 + t) * ldy + r0;
+    for (int64_t r = 0; r < rows; ++r) yrow[r] = S(buf[r * T + t]);
   }
 }
 
@@ -125,16 +144,18 @@ inline void store_transposed(const scalar_t* buf, int64_t rows, scalar_t* y,
 // packed tile: y[n0 + t][r] = bias[r] + sum_k vals[p(k)] * xt[idx[k]][t].
 // Forward uses A = W (no perm); dX uses A = W^T (perm into W's values).
 // Two accumulator sets hide the 4-cycle FMA latency (2 x NV independent chains).
-template <typename scalar_t, int NV, bool kPerm>
+template <typename S, int NV, bool kPerm>
 void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
-                   const scalar_t* vals, const scalar_t* xt, int64_t r0, int64_t r1,
-                   scalar_t* y, int64_t ldy, int64_t n0, int64_t nvalid,
-                   const scalar_t* bias) {
-  using Cfg = TileConfig<scalar_t, NV>;
+                   const S* vals, const S* xt, int64_t r0, int64_t r1,
+                   S* y, int64_t ldy, int64_t n0, int64_t nvalid,
+                   const Acc<S>* bias) {
+  using Cfg = TileConfig<S, NV>;
+  using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
+  constexpr int W = Cfg::kVecWidth;
   constexpr int RG = Cfg::kRowGroup;
-  alignas(64) scalar_t buf[RG * T];
+  alignas(64) A buf[RG * T];
   for (int64_t rg = r0; rg < r1; rg += RG) {
     const int64_t re = std::min<int64_t>(rg + RG, r1);
     for (int64_t r = rg; r < re; ++r) {
@@ -147,9 +168,10 @@ void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
         const uint64_t c1 = static_cast<uint32_t>(idx[k + 1]);
         const uint64_t p0 = kPerm ? static_cast<uint32_t>(perm[k]) : k;
         const uint64_t p1 = kPerm ? static_cast<uint32_t>(perm[k + 1]) : k + 1;
-        const scalar_t w0 = vals[p0], w1 = vals[p1];
-        const Vec* x0 = reinterpret_cast<const Vec*>(xt + c0 * T);
-        const Vec* x1 = reinterpret_cast<const Vec*>(xt + c1 * T);
+        const A w0 = to_acc(vals[p0]), w1 = to_acc(vals[p1]);
+        Vec x0[NV], x1[NV];
+        widen_row<S, NV>(xt + c0 * T, x0);
+        widen_row<S, NV>(xt + c1 * T, x1);
         for (int v = 0; v < NV; ++v) {
           a0[v] += w0 * x0[v];
           a1[v] += w1 * x1[v];
@@ -158,31 +180,43 @@ void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
       if (k < kend) {
         const uint64_t c0 = static_cast<uint32_t>(idx[k]);
         const uint64_t p0 = kPerm ? static_cast<uint32_t>(perm[k]) : k;
-        const scalar_t w0 = vals[p0];
-        const Vec* x0 = reinterpret_cast<const Vec*>(xt + c0 * T);
+        const A w0 = to_acc(vals[p0]);
+        Vec x0[NV];
+        widen_row<S, NV>(xt + c0 * T, x0);
         for (int v = 0; v < NV; ++v) a0[v] += w0 * x0[v];
       }
-      const scalar_t b = bias ? bias[r] : scalar_t(0);
+      const A b = bias ? bias[r] : A(0);
+      for (int v = 0; v < NV; ++v) a0[v] += a1[v] + b;
+      natural_row<S, NV>(a0);
       Vec* out = reinterpret_cast<Vec*>(buf + (r - rg) * T);
-      for (int v = 0; v < NV; ++v) out[v] = a0[v] + a1[v] + b;
+      for (int v = 0; v < NV; ++v) out[v] = a0[v];
     }
-    store_transposed<scalar_t, T>(buf, re - rg, y, ldy, n0, nvalid, rg);
+    store_transposed<S, T>(buf, re - rg, y, ldy, n0, nvalid, rg);
   }
 }
 
 // BSR block rows [r0, r1) (block size bs, a multiple of 4) times the packed
 // tile. kTransBlock reads each block transposed (for dX through W^T's perm).
 // Four block rows share each loaded x vector: 0.5 loads per FMA instead of 1.
-template <typename scalar_t, int NV, bool kPerm, bool kTransBlock>
+template <typename S, int NV, bool kPerm, bool kTransBlock>
 void bsr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
-                   const scalar_t* vals, int64_t bs, const scalar_t* xt, int64_t r0,
-                   int64_t r1, scalar_t* y, int64_t ldy, int64_t n0, int64_t nvalid,
-                   const scalar_t* bias) {
-  using Cfg = TileConfig<scalar_t, NV>;
+                   const S* vals, int64_t bs, const S* xt, int64_t r0,
+                   int64_t r1, S* y, int64_t ldy, int64_t n0, int64_t nvalid,
+                   const Acc<S>* bias) {
+  using Cfg = TileConfig<S, NV>;
+  using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
+  constexpr int W = Cfg::kVecWidth;
   constexpr int RS = 4;  // block rows per register group
-  alignas(64) scalar_t buf[64 * T];  // one block row of output, bs <= 64
+  // 16-bit lanes are widened once per x vector and kept in registers when
+  // there are enough (AVX-512: 32); otherwise the FMAs read x from memory.
+#if defined(__AVX512F__)
+  constexpr bool kHoist = is_16bit_v<S>;
+#else
+  constexpr bool kHoist = false;
+#endif
+  alignas(64) A buf[64 * T];  // one block row of output, bs <= 64
   const int64_t bb = bs * bs;
   for (int64_t br = r0; br < r1; ++br) {
     for (int64_t i0 = 0; i0 < bs; i0 += RS) {
@@ -192,23 +226,26 @@ void bsr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
       for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
         const uint64_t bc = static_cast<uint32_t>(idx[k]);
         const uint64_t p = kPerm ? static_cast<uint32_t>(perm[k]) : k;
-        const scalar_t* blk = vals + p * bb;
-        const scalar_t* xb = xt + bc * bs * T;
+        const S* blk = vals + p * bb;
+        const S* xb = xt + bc * bs * T;
         for (int64_t c = 0; c < bs; ++c) {
-          const Vec* xv = reinterpret_cast<const Vec*>(xb + c * T);
+          const S* xc = xb + c * T;
+          Vec xv[NV];
+          if constexpr (kHoist) widen_row<S, NV>(xc, xv);
           for (int i = 0; i < RS; ++i) {
-            const scalar_t w = kTransBlock ? blk[c * bs + i0 + i] : blk[(i0 + i) * bs + c];
-            for (int v = 0; v < NV; ++v) acc[i][v] += w * xv[v];
+            const A w = to_acc(kTransBlock ? blk[c * bs + i0 + i] : blk[(i0 + i) * bs + c]);
+            for (int v = 0; v < NV; ++v) acc[i][v] += w * (kHoist ? xv[v] : widen_load(xc + v * W));
           }
         }
       }
       for (int i = 0; i < RS; ++i) {
-        const scalar_t b = bias ? bias[br * bs + i0 + i] : scalar_t(0);
+        const A b = bias ? bias[br * bs + i0 + i] : A(0);
+        if constexpr (kHoist) natural_row<S, NV>(acc[i]);
         Vec* out = reinterpret_cast<Vec*>(buf + (i0 + i) * T);
         for (int v = 0; v < NV; ++v) out[v] = acc[i][v] + b;
       }
     }
-    store_transposed<scalar_t, T>(buf, bs, y, ldy, n0, nvalid, br * bs);
+    store_transposed<S, T>(buf, bs, y, ldy, n0, nvalid, br * bs);
   }
 }
 
@@ -246,32 +283,33 @@ inline void hsum_many(const Vec* p, int n, scalar_t* out) {
 // SDDMM over CSR rows [r0, r1) for one tile: out[k] += <dyt[r][:], xt[idx[k]][:]>
 // (ADD) or out[k] = ... (the first tile: the output needs no zero fill).
 // The caller sums tiles in order, so the result is deterministic.
-template <typename scalar_t, int NV, bool ADD>
-void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const scalar_t* dyt,
-                    const scalar_t* xt, int64_t r0, int64_t r1, scalar_t* out) {
-  using Cfg = TileConfig<scalar_t, NV>;
+template <typename S, int NV, bool ADD>
+void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const S* dyt,
+                    const S* xt, int64_t r0, int64_t r1, Acc<S>* out) {
+  using Cfg = TileConfig<S, NV>;
+  using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
   constexpr int W = Cfg::kVecWidth;
   Vec pbuf[8];
   for (int64_t r = r0; r < r1; ++r) {
-    Vec d[NV];
-    const Vec* dv = reinterpret_cast<const Vec*>(dyt + r * T);
-    for (int v = 0; v < NV; ++v) d[v] = dv[v];
+    Vec d[NV];  // pair order, as the x rows: only sums over lanes follow
+    widen_row<S, NV>(dyt + r * T, d);
     int np = 0;
     const int64_t kend = offs[r + 1];
     for (int64_t k = offs[r]; k < kend; ++k) {
       const uint64_t c = static_cast<uint32_t>(idx[k]);
-      const Vec* xv = reinterpret_cast<const Vec*>(xt + c * T);
+      Vec xv[NV];
+      widen_row<S, NV>(xt + c * T, xv);
       Vec p = d[0] * xv[0];
       for (int v = 1; v < NV; ++v) p += d[v] * xv[v];
       pbuf[np++] = p;
       if (np == 8) {
-        hsum_many<scalar_t, Vec, W, ADD>(pbuf, 8, out + k - 7);
+        hsum_many<A, Vec, W, ADD>(pbuf, 8, out + k - 7);
         np = 0;
       }
     }
-    hsum_many<scalar_t, Vec, W, ADD>(pbuf, np, out + kend - np);
+    hsum_many<A, Vec, W, ADD>(pbuf, np, out + kend - np);
   }
 }
 
@@ -280,19 +318,22 @@ void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const scalar_t* dyt
 // (csr_spmm_tile through t_perm) re-reads values at random once per tile:
 // 19.8 ms vs 10.4 ms for the forward at 4096x4096, batch 256, density 0.1 on
 // 2 Zen 4 cores. The caller gives each thread its own tile and zeroed dxt.
-template <typename scalar_t, int NV>
-void csr_spmm_t_scatter_tile(const int32_t* offs, const int32_t* idx, const scalar_t* vals,
-                             int64_t R, const scalar_t* dyt, scalar_t* dxt) {
-  using Cfg = TileConfig<scalar_t, NV>;
+// dxt holds compute lanes (fp32 for 16-bit S), dyt S.
+template <typename S, int NV>
+void csr_spmm_t_scatter_tile(const int32_t* offs, const int32_t* idx, const S* vals,
+                             int64_t R, const S* dyt, Acc<S>* dxt) {
+  using Cfg = TileConfig<S, NV>;
+  using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
+  constexpr int W = Cfg::kVecWidth;
   for (int64_t r = 0; r < R; ++r) {
     Vec d[NV];
-    const Vec* dv = reinterpret_cast<const Vec*>(dyt + r * T);
-    for (int v = 0; v < NV; ++v) d[v] = dv[v];
+    widen_row<S, NV>(dyt + r * T, d);
+    natural_row<S, NV>(d);  // dxt keeps natural order
     for (int64_t k = offs[r]; k < offs[r + 1]; ++k) {
       const uint64_t c = static_cast<uint32_t>(idx[k]);
-      const scalar_t w = vals[k];
+      const A w = to_acc(vals[k]);
       Vec* o = reinterpret_cast<Vec*>(dxt + c * T);
       for (int v = 0; v < NV; ++v) o[v] += w * d[v];
     }
@@ -300,26 +341,27 @@ void csr_spmm_t_scatter_tile(const int32_t* offs, const int32_t* idx, const scal
 }
 
 // SDDMM over BSR block rows [r0, r1): out[k][i][j] += <dyt[br*bs+i], xt[bc*bs+j]>.
-template <typename scalar_t, int NV>
-void bsr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t bs, const scalar_t* dyt,
-                    const scalar_t* xt, int64_t r0, int64_t r1, bool add, scalar_t* out) {
-  using Cfg = TileConfig<scalar_t, NV>;
+template <typename S, int NV>
+void bsr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t bs, const S* dyt,
+                    const S* xt, int64_t r0, int64_t r1, bool add, Acc<S>* out) {
+  using Cfg = TileConfig<S, NV>;
+  using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
   constexpr int W = Cfg::kVecWidth;
   for (int64_t br = r0; br < r1; ++br) {
     for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
       const uint64_t bc = static_cast<uint32_t>(idx[k]);
-      scalar_t* o = out + k * bs * bs;
+      A* o = out + k * bs * bs;
       for (int64_t i = 0; i < bs; ++i) {
-        const Vec* dv = reinterpret_cast<const Vec*>(dyt + (br * bs + i) * T);
-        Vec d[NV];
-        for (int v = 0; v < NV; ++v) d[v] = dv[v];
+        Vec d[NV];  // pair order, as the x rows
+        widen_row<S, NV>(dyt + (br * bs + i) * T, d);
         for (int64_t j = 0; j < bs; ++j) {
-          const Vec* xv = reinterpret_cast<const Vec*>(xt + (bc * bs + j) * T);
+          Vec xv[NV];
+          widen_row<S, NV>(xt + (bc * bs + j) * T, xv);
           Vec p = d[0] * xv[0];
           for (int v = 1; v < NV; ++v) p += d[v] * xv[v];
-          o[i * bs + j] = (add ? o[i * bs + j] : scalar_t(0)) + hsum<scalar_t, Vec, W>(p);
+          o[i * bs + j] = (add ? o[i * bs + j] : A(0)) + hsum<A, Vec, W>(p);
         }
       }
     }
@@ -336,18 +378,20 @@ void bsr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t bs, const s
 // Needs bs to be a multiple of JV * kVecWidth and of IR. Covers batch rows
 // [n0, n1); with `accumulate` it adds to out (the caller chunks the batch so
 // the x and dy panels stay in cache: unchunked, batch 2048 read them from DRAM).
-template <typename scalar_t, int JV, int IR>
-void bsr_sddmm_outer(const int32_t* offs, const int32_t* idx, int64_t bs, const scalar_t* dy,
-                     int64_t ldy, const scalar_t* x, int64_t ldx, int64_t n0, int64_t n1,
-                     bool accumulate, int64_t r0, int64_t r1, scalar_t* out) {
-  constexpr int W = 32 / static_cast<int>(sizeof(scalar_t));
-  typedef scalar_t VecU __attribute__((vector_size(32), aligned(sizeof(scalar_t))));
+// dy and x are S (widened as loaded), out compute lanes.
+template <typename S, int JV, int IR>
+void bsr_sddmm_outer(const int32_t* offs, const int32_t* idx, int64_t bs, const S* dy,
+                     int64_t ldy, const S* x, int64_t ldx, int64_t n0, int64_t n1,
+                     bool accumulate, int64_t r0, int64_t r1, Acc<S>* out) {
+  using A = Acc<S>;
+  constexpr int W = kLanes<A>;
+  using VecU = Vec32U<A>;
   static_assert(JV >= 1 && JV <= 2, "bsr_sddmm_outer: JV must be 1 or 2");
   static_assert(IR * JV <= 16, "bsr_sddmm_outer: IR x JV accumulators must fit in 16 registers");
   for (int64_t br = r0; br < r1; ++br) {
     for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
       const int64_t bc = static_cast<uint32_t>(idx[k]);
-      scalar_t* o = out + k * bs * bs;
+      A* o = out + k * bs * bs;
       for (int64_t j0 = 0; j0 < bs; j0 += JV * W) {
         for (int64_t i0 = 0; i0 < bs; i0 += IR) {
           VecU acc[IR][JV];
@@ -355,13 +399,13 @@ void bsr_sddmm_outer(const int32_t* offs, const int32_t* idx, int64_t bs, const 
             for (int v = 0; v < JV; ++v)
               acc[i][v] = accumulate ? *reinterpret_cast<const VecU*>(o + (i0 + i) * bs + j0 + v * W)
                                      : VecU{};
-          const scalar_t* xp = x + bc * bs + j0;
-          const scalar_t* dp = dy + br * bs + i0;
+          const S* xp = x + bc * bs + j0;
+          const S* dp = dy + br * bs + i0;
           for (int64_t n = n0; n < n1; ++n) {
             VecU xv[JV];
-            for (int v = 0; v < JV; ++v) xv[v] = *reinterpret_cast<const VecU*>(xp + n * ldx + v * W);
+            for (int v = 0; v < JV; ++v) xv[v] = widen_loadu(xp + n * ldx + v * W);
             for (int i = 0; i < IR; ++i) {
-              const scalar_t w = dp[n * ldy + i];
+              const A w = to_acc(dp[n * ldy + i]);
               for (int v = 0; v < JV; ++v) acc[i][v] += w * xv[v];
             }
           }
