@@ -16,7 +16,7 @@
 //   t_offsets   int32 [C+1], t_indices int32 [nnz], t_perm int32 [nnz]:
 //               W^T; entry j of W^T is values[t_perm[j]] (never a copy)
 #include "module_init.h"
-#include "cpu/tile_kernels_bf16dot.h"
+#include "cpu/bf16_dot_support.h"
 
 namespace {
 // sparsekern._C*.bf16_dot_supported(): whether the bf16 linear kernels can take the

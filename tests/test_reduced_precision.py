@@ -164,7 +164,7 @@ DOT_SETTINGS = ["0", "1"] if sk.cpu_bf16_dot_supported() else ["0"]
 
 @st.composite
 def native_cases(draw):
-    layout, b = draw(st.sampled_from([("csr", 1), ("bsr", 4), ("bsr", 8), ("bsr", 16)]))
+    layout, b = draw(st.sampled_from([("csr", 1), ("bsr", 4), ("bsr", 8), ("bsr", 16), ("bsr", 32)]))
     mult = 1 if b > 1 else draw(st.integers(1, 9))
     out_f = draw(st.integers(1, 6)) * b * mult
     in_f = draw(st.integers(1, 6)) * b * (1 if b > 1 else draw(st.integers(1, 9)))
@@ -184,7 +184,7 @@ def within_reordering(got, want32, abs_sum, dtype):
 def test_native_16bit_kernels_match_the_fp32_kernels(dot, monkeypatch):
     monkeypatch.setenv("SPARSEKERN_CPU_BF16_DOT", dot)
 
-    @settings(max_examples=60, deadline=None, derandomize=True)
+    @settings(max_examples=80, deadline=None, derandomize=True)
     @given(native_cases())
     def check(case):
         layout, b, M, out_f, in_f, density, dtype, x_transposed, seed = case
@@ -221,19 +221,40 @@ def test_native_16bit_kernels_match_the_fp32_kernels(dot, monkeypatch):
     check()
 
 
-def test_bf16_dot_kernels_differ_from_the_widening_path_only_in_rounding(monkeypatch):
-    """On a CPU with AVX512-BF16 the two bf16 paths must both run (a switch that does nothing
-    would make the test above compare one path with itself) and agree closely."""
+@pytest.mark.parametrize("layout,b", [("csr", 1), ("bsr", 16)])
+def test_each_bf16_op_takes_the_path_the_switch_names(layout, b, monkeypatch):
+    """On a CPU with AVX512-BF16 both bf16 paths of every op must run (a switch that does
+    nothing would make the test above compare one path with itself): vdpbf16ps reads bf16
+    subnormals as zero and the widening path does not, so subnormal activations times huge
+    values give exact zeros on one path and nonzeros on the other. Forward, dX through W^T
+    (the gather form: 2 threads over 3 tiles) and dW; on normal data the paths agree closely."""
     if not sk.cpu_bf16_dot_supported():
         pytest.skip("this CPU (or build) has no AVX512-BF16 kernels")
-    topo = make_topology(512, 768, 0.3, "csr", 1, torch.bfloat16, seed=7)
-    x = torch.randn(96, 768).bfloat16()
+    topo = make_topology(512, 768, 0.3, layout, b, torch.bfloat16, seed=7)
+    meta = topo.topology()
+    ops = torch.ops.sparsekern
+
+    def run(v, x, dy):
+        with num_threads(2):
+            return ops.spmm(x, v, *meta, None), ops.spmm_t(dy, v, *meta), ops.sddmm(dy, x, *meta, b)
+
+    tiny = torch.full((96, 768), 1e-39).bfloat16()  # subnormal in bf16
+    assert 0 < tiny[0, 0].float().abs() < torch.finfo(torch.bfloat16).tiny
+    huge_v = torch.full_like(topo.values.detach(), 2.0**100)
+    huge_x = torch.full((96, 768), 2.0**100).bfloat16()
+    x, dy = torch.randn(96, 768).bfloat16(), torch.randn(96, 512).bfloat16()
     outs = {}
     for dot in ("0", "1"):
         monkeypatch.setenv("SPARSEKERN_CPU_BF16_DOT", dot)
-        outs[dot] = torch.ops.sparsekern.spmm(x, topo.values.detach(), *topo.topology(), None)
-    assert not torch.equal(outs["0"], outs["1"])  # another summation order somewhere
-    torch.testing.assert_close(outs["0"], outs["1"], rtol=2**-7, atol=1e-2)
+        y, _, _ = run(huge_v, tiny, tiny[:, :512])
+        _, dx, _ = run(huge_v, tiny, tiny[:, :512])
+        _, _, dw = run(huge_v, huge_x, tiny[:, :512])
+        for what, t in (("y", y), ("dX", dx), ("dW", dw)):
+            nonzero = bool(t.ne(0).any())
+            assert nonzero == (dot == "0"), f"{what}: SPARSEKERN_CPU_BF16_DOT={dot} took the other path"
+        outs[dot] = run(topo.values.detach(), x, dy)
+    for what, a, c in zip(("y", "dX", "dW"), outs["0"], outs["1"]):
+        torch.testing.assert_close(a, c, rtol=2**-7, atol=2e-2, msg=what)
 
 
 TIES = {  # pairs (a, b), rounded to the dtype as inputs, whose fp32 sums need rounding

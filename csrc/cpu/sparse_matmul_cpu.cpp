@@ -126,7 +126,7 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
   at::Tensor xt_t = at::empty({G * KT}, x.options());
   scalar_t* xt = xt_t.data_ptr<scalar_t>();
   const int64_t npack = (K + kPackCols - 1) / kPackCols;
-  const bool dot = kDotTiles<scalar_t, NV> && !tv.bsr && bf16_dot_enabled();
+  const bool dot = kDotTiles<scalar_t, NV> && bf16_dot_enabled();
 #pragma omp parallel num_threads(nt)
   for (int64_t g0 = 0; g0 < ntiles; g0 += G) {
     const int64_t gn = std::min<int64_t>(G, ntiles - g0);
@@ -145,10 +145,15 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
 #if SPARSEKERN_BF16_DOT
         if constexpr (kDotTiles<scalar_t, NV>) {
           if (dot) {
-            if (transposed)
+            if (!tv.bsr && transposed)
               csr_spmm_tile_dot<true>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
-            else
+            else if (!tv.bsr)
               csr_spmm_tile_dot<false>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
+            else if (transposed)
+              bsr_spmm_tile_dot<true, true>(offs, idx, perm, vals, tv.bs, xg, r0, r1, yp, ldy, n0, nvalid, bp);
+            else
+              bsr_spmm_tile_dot<false, false>(offs, idx, perm, vals, tv.bs, xg, r0, r1, yp, ldy, n0, nvalid,
+                                              bp);
             continue;
           }
         }
@@ -291,11 +296,21 @@ bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, con
   const int64_t M = x.size(0), ldy = dy.stride(0), ldx = x.stride(0);
   // Batch chunks of 256 rows keep the x (256 x in) and dy panels in L2/L3.
   constexpr int64_t kChunk = 256;
+  const bool dot = SPARSEKERN_BF16_DOT && std::is_same<scalar_t, c10::BFloat16>::value && tv.bs % 16 == 0 &&
+                   bf16_dot_enabled();
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int ch = 0; ch < nch; ++ch) {
     const int64_t r0 = bounds[ch], r1 = bounds[ch + 1];
     for (int64_t n0 = 0; n0 < M; n0 += kChunk) {
       const int64_t n1 = std::min(n0 + kChunk, M);
+#if SPARSEKERN_BF16_DOT
+      if constexpr (std::is_same<scalar_t, c10::BFloat16>::value) {
+        if (dot) {
+          bsr_sddmm_outer_dot(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, n0 > 0, r0, r1, op);
+          continue;
+        }
+      }
+#endif
       if (jv == 2)
         bsr_sddmm_outer<scalar_t, 2, kIR>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, n0 > 0, r0,
                                           r1, op);

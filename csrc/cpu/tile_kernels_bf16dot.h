@@ -10,50 +10,26 @@
 //                        vdpbf16ps: their x rows interleaved (vpunpck{l,h}wd), their values
 //                        as one 32-bit broadcast pair;
 //   csr_sddmm_tile_dot   dW: each nonzero's dot product over the tile's 32 batch rows is one
-//                        vdpbf16ps of the dy row and the x row (pairs of batch rows).
+//                        vdpbf16ps of the dy row and the x row (pairs of batch rows);
+//   bsr_spmm_tile_dot    BSR forward and dX: two block columns per vdpbf16ps, each unpacked
+//                        pair of x rows feeding RS block rows;
+//   bsr_sddmm_outer_dot  BSR dW as outer products over pairs of batch rows, 16 block columns
+//                        a step (ymm), for blocks a multiple of 16 wide.
 //
 // Only the T = 32 tiles (NV = 4) of the avx512 build have these kernels. The launchers call
 // them when bf16_dot_enabled(): the CPU reports avx512_bf16 and SPARSEKERN_CPU_BF16_DOT is
-// not 0. Same inputs as the generic kernels, same
-// checks before them (the launchers'), so they too trust their inputs.
+// not 0 (bf16_dot_support.h). Same inputs as the generic kernels, same checks before them
+// (the launchers'), so they too trust their inputs.
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
+#include "bf16_dot_support.h"
 #include "tile_kernels.h"
-
-#if defined(__AVX512F__) && defined(__GNUC__) && (defined(__clang__) ? __clang_major__ >= 11 : __GNUC__ >= 10)
-#define SPARSEKERN_BF16_DOT 1
-#include <immintrin.h>
-#else
-#define SPARSEKERN_BF16_DOT 0
-#endif
 
 namespace sparsekern {
 namespace cpu {
-
-// Whether this build has the kernels below and the CPU runs them.
-inline bool bf16_dot_supported() {
-#if SPARSEKERN_BF16_DOT
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return supported;
-#else
-  return false;
-#endif
-}
-
-// Whether a bf16 launcher takes the kernels below: supported, and SPARSEKERN_CPU_BF16_DOT
-// is not "0" (read per call, once per op: tests and benchmarks compare both paths).
-inline bool bf16_dot_enabled() {
-  if (!bf16_dot_supported()) return false;
-  const char* e = std::getenv("SPARSEKERN_CPU_BF16_DOT");
-  return e == nullptr || std::strcmp(e, "0") != 0;
-}
 
 #if SPARSEKERN_BF16_DOT
 #define SPARSEKERN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
@@ -159,6 +135,124 @@ SPARSEKERN_BF16_TARGET void csr_sddmm_tile_dot(const int32_t* offs, const int32_
       }
     }
     hsum_many<float, Vec, 8, ADD>(pbuf, np, out + kend - np);
+  }
+}
+
+namespace bf16dot {
+// RS block rows i0 .. i0 + RS - 1 of block row br (see bsr_spmm_tile_dot), into buf.
+template <int RS, bool kPerm, bool kTransBlock>
+SPARSEKERN_BF16_TARGET inline void bsr_rows(const int32_t* offs, const int32_t* idx, const int32_t* perm,
+                                            const c10::BFloat16* vals, int64_t bs, const c10::BFloat16* xt,
+                                            int64_t br, int64_t i0, const float* bias, float* buf) {
+  constexpr int T = 32;
+  const int64_t bb = bs * bs;
+  __m512 lo[RS], hi[RS];
+  for (int i = 0; i < RS; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+  for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
+    const uint64_t bc = static_cast<uint32_t>(idx[k]);
+    const uint64_t p = kPerm ? static_cast<uint32_t>(perm[k]) : k;
+    const c10::BFloat16* blk = vals + p * bb;
+    const c10::BFloat16* xb = xt + bc * bs * T;
+    for (int64_t c = 0; c < bs; c += 2) {  // bs is even
+      const __m512i x0 = row(xb + c * T), x1 = row(xb + (c + 1) * T);
+      const __m512i plo = _mm512_unpacklo_epi16(x0, x1), phi = _mm512_unpackhi_epi16(x0, x1);
+      for (int i = 0; i < RS; ++i) {
+        const int64_t r = i0 + i;
+        uint32_t w;
+        if constexpr (kTransBlock)
+          w = pair_bits(blk[c * bs + r], blk[(c + 1) * bs + r]);
+        else
+          std::memcpy(&w, blk + r * bs + c, sizeof(w));  // (c, c + 1) adjacent in the block row
+        lo[i] = dot(lo[i], plo, w);
+        hi[i] = dot(hi[i], phi, w);
+      }
+    }
+  }
+  for (int i = 0; i < RS; ++i) {
+    const __m512 b = _mm512_set1_ps(bias ? bias[br * bs + i0 + i] : 0.0f);
+    __m512 o0, o1;
+    natural_order(lo[i], hi[i], o0, o1);
+    _mm512_store_ps(buf + (i0 + i) * T, _mm512_add_ps(o0, b));
+    _mm512_store_ps(buf + (i0 + i) * T + 16, _mm512_add_ps(o1, b));
+  }
+}
+}  // namespace bf16dot
+
+// bsr_spmm_tile for bf16, T = 32 (see tile_kernels.h): block rows [r0, r1) of A (W, or W^T
+// read through perm with each block transposed) times the packed tile. Each pair of block
+// columns (c, c + 1) is one unpacked pair of x rows, used by 8 block rows at once (16 zmm
+// accumulators of the 32 registers; 4 at the tail of a block whose size is 4 mod 8).
+template <bool kPerm, bool kTransBlock>
+SPARSEKERN_BF16_TARGET void bsr_spmm_tile_dot(const int32_t* offs, const int32_t* idx,
+                                              const int32_t* perm, const c10::BFloat16* vals,
+                                              int64_t bs, const c10::BFloat16* xt, int64_t r0,
+                                              int64_t r1, c10::BFloat16* y, int64_t ldy, int64_t n0,
+                                              int64_t nvalid, const float* bias) {
+  constexpr int T = 32;
+  alignas(64) float buf[64 * T];  // one block row of output, bs <= 64
+  for (int64_t br = r0; br < r1; ++br) {
+    int64_t i0 = 0;
+    for (; i0 + 8 <= bs; i0 += 8)
+      bf16dot::bsr_rows<8, kPerm, kTransBlock>(offs, idx, perm, vals, bs, xt, br, i0, bias, buf);
+    if (i0 < bs)  // bs is a multiple of 4
+      bf16dot::bsr_rows<4, kPerm, kTransBlock>(offs, idx, perm, vals, bs, xt, br, i0, bias, buf);
+    store_transposed<c10::BFloat16, T>(buf, bs, y, ldy, n0, nvalid, br * bs);
+  }
+}
+
+// bsr_sddmm_outer for bf16 (see tile_kernels.h), blocks a multiple of 16 wide: block k at
+// (br, bc) gets out[k][i][j] (+)= sum_n dy[n][br*bs + i] * x[n][bc*bs + j] over batch rows
+// [n0, n1), two batch rows per vdpbf16ps: x rows n and n + 1 unpacked into pairs (16 block
+// columns a step, pair order: lanes 0-3 and 8-11 in one register, 4-7 and 12-15 in the
+// other), the two dy values one broadcast pair; 8 block rows x 2 ymm accumulators.
+SPARSEKERN_BF16_TARGET inline void bsr_sddmm_outer_dot(const int32_t* offs, const int32_t* idx, int64_t bs,
+                                                const c10::BFloat16* dy, int64_t ldy,
+                                                const c10::BFloat16* x, int64_t ldx, int64_t n0,
+                                                int64_t n1, bool accumulate, int64_t r0, int64_t r1,
+                                                float* out) {
+  constexpr int IR = 8;
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t br = r0; br < r1; ++br) {
+    for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
+      const int64_t bc = static_cast<uint32_t>(idx[k]);
+      float* o = out + k * bs * bs;
+      for (int64_t j0 = 0; j0 < bs; j0 += 16) {
+        for (int64_t i0 = 0; i0 < bs; i0 += IR) {
+          __m256 lo[IR], hi[IR];
+          for (int i = 0; i < IR; ++i) {
+            if (accumulate) {  // natural order -> pair order (the same two lane swaps)
+              const __m256 a = _mm256_loadu_ps(o + (i0 + i) * bs + j0);
+              const __m256 b = _mm256_loadu_ps(o + (i0 + i) * bs + j0 + 8);
+              lo[i] = _mm256_permute2f128_ps(a, b, 0x20);
+              hi[i] = _mm256_permute2f128_ps(a, b, 0x31);
+            } else {
+              lo[i] = hi[i] = _mm256_setzero_ps();
+            }
+          }
+          const c10::BFloat16* xp = x + bc * bs + j0;
+          const c10::BFloat16* dp = dy + br * bs + i0;
+          for (int64_t n = n0; n < n1; n += 2) {
+            const bool two = n + 1 < n1;
+            const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + n * ldx));
+            const __m256i xb =
+                two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + (n + 1) * ldx)) : zero;
+            const __m256bh plo = (__m256bh)_mm256_unpacklo_epi16(xa, xb);
+            const __m256bh phi = (__m256bh)_mm256_unpackhi_epi16(xa, xb);
+            for (int i = 0; i < IR; ++i) {
+              const uint32_t w = bf16dot::pair_bits(dp[n * ldy + i],
+                                                    two ? dp[(n + 1) * ldy + i] : c10::BFloat16(0.0f));
+              const __m256bh wb = (__m256bh)_mm256_set1_epi32(static_cast<int>(w));
+              lo[i] = _mm256_dpbf16_ps(lo[i], plo, wb);
+              hi[i] = _mm256_dpbf16_ps(hi[i], phi, wb);
+            }
+          }
+          for (int i = 0; i < IR; ++i) {
+            _mm256_storeu_ps(o + (i0 + i) * bs + j0, _mm256_permute2f128_ps(lo[i], hi[i], 0x20));
+            _mm256_storeu_ps(o + (i0 + i) * bs + j0 + 8, _mm256_permute2f128_ps(lo[i], hi[i], 0x31));
+          }
+        }
+      }
+    }
   }
 }
 
