@@ -155,7 +155,8 @@ def test_half_and_bfloat16_modules_and_the_errors_that_name_the_dtype():
 # - every path: within one step of the dtype of the fp32 result, plus an fp32-reordering
 #   term of 2^-16 of the sum of |terms| (the sums may run in another order; a missing,
 #   doubled or misplaced term is far outside this);
-# - the widening path's y and dX sum in the fp32 kernels' order: equal, rounded once.
+# - the widening path's y sums in the fp32 kernels' order: equal, rounded once. (dX does
+#   not: at two tiles per thread fp32 takes the scatter form, 16-bit the gather form.)
 # The fp32 kernels are checked against float64 in test_ops.py, the error bound against
 # torch above.
 
@@ -216,7 +217,6 @@ def test_native_16bit_kernels_match_the_fp32_kernels(dot, monkeypatch):
                 assert within_reordering(g_, w, a, dtype), f"{what}: {case}, {n} threads"
             if dot == "0" or dtype == torch.float16:
                 assert torch.equal(got[0], want[0].to(dtype)), f"y: {case}, {n} threads"
-                assert torch.equal(got[1], want[1].to(dtype)), f"dX: {case}, {n} threads"
 
     check()
 

@@ -100,8 +100,9 @@ void pack_range(const at::Tensor& x, int64_t n0, int64_t nvalid, int64_t cb, sca
   }
 }
 
-// y[M, R*bs] = x[M, C*bs] . A^T (+ bias) where A is W (forward) or, with
-// perm_t given, W^T read through t_perm (dX = dY . W). bias, when given, holds Acc<scalar_t>.
+// y[M, R*bs] = x[M, C*bs] . A^T (+ bias) where A is W (forward) or, with perm_t given,
+// W^T (dX = dY . W): BSR reads W's blocks through t_perm, transposed; CSR takes values
+// already in W^T's order (perm_t unused). bias, when given, holds Acc<scalar_t>.
 template <typename scalar_t, int NV>
 void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& values,
                  const at::Tensor& offs_t, const at::Tensor& idx_t, const at::Tensor* perm_t,
@@ -145,10 +146,8 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
 #if SPARSEKERN_BF16_DOT
         if constexpr (kDotTiles<scalar_t, NV>) {
           if (dot) {
-            if (!tv.bsr && transposed)
-              csr_spmm_tile_dot<true>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
-            else if (!tv.bsr)
-              csr_spmm_tile_dot<false>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
+            if (!tv.bsr)
+              csr_spmm_tile_dot(offs, idx, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
             else if (transposed)
               bsr_spmm_tile_dot<true, true>(offs, idx, perm, vals, tv.bs, xg, r0, r1, yp, ldy, n0, nvalid, bp);
             else
@@ -158,10 +157,8 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
           }
         }
 #endif
-        if (!tv.bsr && transposed)
-          csr_spmm_tile<scalar_t, NV, true>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
-        else if (!tv.bsr)
-          csr_spmm_tile<scalar_t, NV, false>(offs, idx, perm, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
+        if (!tv.bsr)
+          csr_spmm_tile<scalar_t, NV>(offs, idx, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
         else if (transposed)
           bsr_spmm_tile<scalar_t, NV, true, true>(offs, idx, perm, vals, tv.bs, xg, r0, r1, yp, ldy,
                                                   n0, nvalid, bp);
@@ -173,8 +170,23 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
   }
 }
 
-// CSR dX in scatter form, one batch tile per thread (see
-// csr_spmm_t_scatter_tile); used when there are at least 2 tiles per thread.
+// CSR values in W^T's order: out[j] = values[t_perm[j]] (t_perm checked by the caller). One
+// O(nnz) pass per dX call, so the gather-form kernels stream values instead of reading them
+// at random once per batch tile.
+template <typename scalar_t>
+at::Tensor values_in_transpose_order(const at::Tensor& values, const at::Tensor& t_perm) {
+  at::Tensor out = at::empty_like(values);
+  const scalar_t* v = values.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int32_t* pm = t_perm.data_ptr<int32_t>();
+  at::parallel_for(0, values.numel(), int64_t(1) << 16, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) o[j] = v[static_cast<uint32_t>(pm[j])];
+  });
+  return out;
+}
+
+// CSR dX in scatter form, one batch tile per thread (see csr_spmm_t_scatter_tile); used
+// for fp32/fp64 when there are at least 2 tiles per thread.
 template <typename scalar_t, int NV>
 void spmm_t_scatter_launch(const at::Tensor& dy, const TopologyView& tv, const at::Tensor& values,
                            const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& dx) {
@@ -391,21 +403,23 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "sparsekern_spmm_t_cpu", [&] {
     constexpr int T = TileConfig<scalar_t, 4>::kTile;
     const int64_t ntiles = (dy.size(0) + T - 1) / T;
-    if (!tv.bsr && ntiles >= 2 * at::get_num_threads()) {
+    if (!tv.bsr && !is_16bit_v<scalar_t> && ntiles >= 2 * at::get_num_threads()) {
       // Scatter form reads W's own structure.
       check_offsets_host(row_offsets, tv.nnz, "row_offsets");
       check_indices_below(col_indices, tv.cols, "col_indices");
       spmm_t_scatter_launch<scalar_t, 4>(dy, tv, values, row_offsets, col_indices, dx);
       return;
     }
-    // Gather form reads W^T's metadata and W's values through t_perm.
+    // Gather form reads W^T's metadata; CSR values gathered into W^T's order once here
+    // (the kernels then stream them), BSR blocks read through t_perm.
     check_offsets_host(t_offsets, tv.nnz, "t_offsets");
     check_indices_below(t_indices, tv.rows, "t_indices");
     check_indices_below(t_perm, tv.nnz, "t_perm");
+    const at::Tensor vals = tv.bsr ? values : values_in_transpose_order<scalar_t>(values, t_perm);
     by_tile_width<scalar_t>(
         dy.size(0),
-        [&] { spmm_launch<scalar_t, 4>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); },
-        [&] { spmm_launch<scalar_t, 1>(dy, tv, values, t_offsets, t_indices, &t_perm, nobias, dx); });
+        [&] { spmm_launch<scalar_t, 4>(dy, tv, vals, t_offsets, t_indices, &t_perm, nobias, dx); },
+        [&] { spmm_launch<scalar_t, 1>(dy, tv, vals, t_offsets, t_indices, &t_perm, nobias, dx); });
   });
   return dx.view(out_shape);
 }

@@ -140,14 +140,13 @@ inline void store_transposed(const Acc<S>* buf, int64_t rows, S* y,
   }
 }
 
-// CSR rows [r0, r1) of A (values optionally gathered through perm) times the
-// packed tile: y[n0 + t][r] = bias[r] + sum_k vals[p(k)] * xt[idx[k]][t].
-// Forward uses A = W (no perm); dX uses A = W^T (perm into W's values).
+// CSR rows [r0, r1) of A times the packed tile:
+// y[n0 + t][r] = bias[r] + sum_k vals[k] * xt[idx[k]][t]. Forward uses A = W; dX uses
+// A = W^T with W's values gathered into W^T's order once per call (the launcher).
 // Two accumulator sets hide the 4-cycle FMA latency (2 x NV independent chains).
-template <typename S, int NV, bool kPerm>
-void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
-                   const S* vals, const S* xt, int64_t r0, int64_t r1,
-                   S* y, int64_t ldy, int64_t n0, int64_t nvalid,
+template <typename S, int NV>
+void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const S* vals, const S* xt,
+                   int64_t r0, int64_t r1, S* y, int64_t ldy, int64_t n0, int64_t nvalid,
                    const Acc<S>* bias) {
   using Cfg = TileConfig<S, NV>;
   using A = typename Cfg::A;
@@ -166,9 +165,7 @@ void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
       for (; k + 1 < kend; k += 2) {
         const uint64_t c0 = static_cast<uint32_t>(idx[k]);
         const uint64_t c1 = static_cast<uint32_t>(idx[k + 1]);
-        const uint64_t p0 = kPerm ? static_cast<uint32_t>(perm[k]) : k;
-        const uint64_t p1 = kPerm ? static_cast<uint32_t>(perm[k + 1]) : k + 1;
-        const A w0 = to_acc(vals[p0]), w1 = to_acc(vals[p1]);
+        const A w0 = to_acc(vals[k]), w1 = to_acc(vals[k + 1]);
         Vec x0[NV], x1[NV];
         widen_row<S, NV>(xt + c0 * T, x0);
         widen_row<S, NV>(xt + c1 * T, x1);
@@ -179,8 +176,7 @@ void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
       }
       if (k < kend) {
         const uint64_t c0 = static_cast<uint32_t>(idx[k]);
-        const uint64_t p0 = kPerm ? static_cast<uint32_t>(perm[k]) : k;
-        const A w0 = to_acc(vals[p0]);
+        const A w0 = to_acc(vals[k]);
         Vec x0[NV];
         widen_row<S, NV>(xt + c0 * T, x0);
         for (int v = 0; v < NV; ++v) a0[v] += w0 * x0[v];
@@ -314,10 +310,10 @@ void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const S* dyt,
 }
 
 // dX for one batch tile in scatter form: dxt[c][:] += w(r, c) * dyt[r][:] over
-// W's rows in storage order, so values stream sequentially. The gather form
-// (csr_spmm_tile through t_perm) re-reads values at random once per tile:
-// 19.8 ms vs 10.4 ms for the forward at 4096x4096, batch 256, density 0.1 on
-// 2 Zen 4 cores. The caller gives each thread its own tile and zeroed dxt.
+// W's rows in storage order, so values stream sequentially. The launcher takes it
+// for fp32/fp64 at two or more tiles per thread; the gather form (csr_spmm_tile on
+// W^T with values gathered once per call) is faster for 16-bit tiles and small
+// batches (DEVELOPERS.md). The caller gives each thread its own tile and zeroed dxt.
 // dxt holds compute lanes (fp32 for 16-bit S), dyt S.
 template <typename S, int NV>
 void csr_spmm_t_scatter_tile(const int32_t* offs, const int32_t* idx, const S* vals,

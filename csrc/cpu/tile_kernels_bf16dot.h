@@ -6,7 +6,7 @@
 // the fp32 kernels' FMAs do; bf16 subnormals are read as zero (the instruction's DAZ) and
 // fp32 subnormal sums flushed to zero.
 //
-//   csr_spmm_tile_dot    forward (and dX through t_perm): two nonzeros of a row per
+//   csr_spmm_tile_dot    forward (and dX over W^T): two nonzeros of a row per
 //                        vdpbf16ps: their x rows interleaved (vpunpck{l,h}wd), their values
 //                        as one 32-bit broadcast pair;
 //   csr_sddmm_tile_dot   dW: each nonzero's dot product over the tile's 32 batch rows is one
@@ -62,19 +62,18 @@ SPARSEKERN_BF16_TARGET inline __m512 dot(__m512 acc, __m512i pairs, uint32_t w) 
 }  // namespace bf16dot
 
 // csr_spmm_tile for bf16, T = 32 (see tile_kernels.h): y[n0 + t][r] = bias[r] + sum_k
-// vals[p(k)] * xt[idx[k]][t] over rows [r0, r1). Four nonzeros per step in two independent
-// pairs of accumulators (vdpbf16ps has a latency of several cycles).
-template <bool kPerm>
-SPARSEKERN_BF16_TARGET void csr_spmm_tile_dot(const int32_t* offs, const int32_t* idx,
-                                              const int32_t* perm, const c10::BFloat16* vals,
-                                              const c10::BFloat16* xt, int64_t r0, int64_t r1,
-                                              c10::BFloat16* y, int64_t ldy, int64_t n0,
-                                              int64_t nvalid, const float* bias) {
+// vals[k] * xt[idx[k]][t] over rows [r0, r1). Four nonzeros per step in two independent
+// pairs of accumulators (vdpbf16ps has a latency of several cycles); a pair's two values
+// are adjacent in vals, so they are one 32-bit broadcast.
+SPARSEKERN_BF16_TARGET inline void csr_spmm_tile_dot(const int32_t* offs, const int32_t* idx,
+                                                     const c10::BFloat16* vals, const c10::BFloat16* xt,
+                                                     int64_t r0, int64_t r1, c10::BFloat16* y,
+                                                     int64_t ldy, int64_t n0, int64_t nvalid,
+                                                     const float* bias) {
   constexpr int T = 32;
   constexpr int RG = TileConfig<c10::BFloat16, 4>::kRowGroup;
   alignas(64) float buf[RG * T];
   const __m512i zero = _mm512_setzero_si512();
-  auto val = [&](int64_t k) { return vals[kPerm ? static_cast<uint32_t>(perm[k]) : k]; };
   for (int64_t rg = r0; rg < r1; rg += RG) {
     const int64_t re = std::min<int64_t>(rg + RG, r1);
     for (int64_t r = rg; r < re; ++r) {
@@ -86,8 +85,9 @@ SPARSEKERN_BF16_TARGET void csr_spmm_tile_dot(const int32_t* offs, const int32_t
         const __m512i x1 = bf16dot::row(xt + static_cast<uint64_t>(static_cast<uint32_t>(idx[k + 1])) * T);
         const __m512i x2 = bf16dot::row(xt + static_cast<uint64_t>(static_cast<uint32_t>(idx[k + 2])) * T);
         const __m512i x3 = bf16dot::row(xt + static_cast<uint64_t>(static_cast<uint32_t>(idx[k + 3])) * T);
-        const uint32_t w01 = bf16dot::pair_bits(val(k), val(k + 1));
-        const uint32_t w23 = bf16dot::pair_bits(val(k + 2), val(k + 3));
+        uint32_t w01, w23;
+        std::memcpy(&w01, vals + k, sizeof(w01));
+        std::memcpy(&w23, vals + k + 2, sizeof(w23));
         lo0 = bf16dot::dot(lo0, _mm512_unpacklo_epi16(x0, x1), w01);
         hi0 = bf16dot::dot(hi0, _mm512_unpackhi_epi16(x0, x1), w01);
         lo1 = bf16dot::dot(lo1, _mm512_unpacklo_epi16(x2, x3), w23);
@@ -98,7 +98,7 @@ SPARSEKERN_BF16_TARGET void csr_spmm_tile_dot(const int32_t* offs, const int32_t
         const __m512i x0 = bf16dot::row(xt + static_cast<uint64_t>(static_cast<uint32_t>(idx[k])) * T);
         const __m512i x1 =
             two ? bf16dot::row(xt + static_cast<uint64_t>(static_cast<uint32_t>(idx[k + 1])) * T) : zero;
-        const uint32_t w = bf16dot::pair_bits(val(k), two ? val(k + 1) : c10::BFloat16(0.0f));
+        const uint32_t w = bf16dot::pair_bits(vals[k], two ? vals[k + 1] : c10::BFloat16(0.0f));
         lo0 = bf16dot::dot(lo0, _mm512_unpacklo_epi16(x0, x1), w);
         hi0 = bf16dot::dot(hi0, _mm512_unpackhi_epi16(x0, x1), w);
       }
@@ -115,7 +115,7 @@ SPARSEKERN_BF16_TARGET void csr_spmm_tile_dot(const int32_t* offs, const int32_t
 // csr_sddmm_tile for bf16, T = 32: out[k] (+)= <dyt[r][:], xt[idx[k]][:]> over rows [r0, r1).
 // Eight nonzeros' 16-lane partial sums are folded to 8 lanes and reduced together.
 template <bool ADD>
-SPARSEKERN_BF16_TARGET void csr_sddmm_tile_dot(const int32_t* offs, const int32_t* idx,
+SPARSEKERN_BF16_TARGET inline void csr_sddmm_tile_dot(const int32_t* offs, const int32_t* idx,
                                                const c10::BFloat16* dyt, const c10::BFloat16* xt,
                                                int64_t r0, int64_t r1, float* out) {
   constexpr int T = 32;
@@ -183,7 +183,7 @@ SPARSEKERN_BF16_TARGET inline void bsr_rows(const int32_t* offs, const int32_t* 
 // columns (c, c + 1) is one unpacked pair of x rows, used by 8 block rows at once (16 zmm
 // accumulators of the 32 registers; 4 at the tail of a block whose size is 4 mod 8).
 template <bool kPerm, bool kTransBlock>
-SPARSEKERN_BF16_TARGET void bsr_spmm_tile_dot(const int32_t* offs, const int32_t* idx,
+SPARSEKERN_BF16_TARGET inline void bsr_spmm_tile_dot(const int32_t* offs, const int32_t* idx,
                                               const int32_t* perm, const c10::BFloat16* vals,
                                               int64_t bs, const c10::BFloat16* xt, int64_t r0,
                                               int64_t r1, c10::BFloat16* y, int64_t ldy, int64_t n0,
