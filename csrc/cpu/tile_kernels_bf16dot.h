@@ -116,8 +116,8 @@ SPARSEKERN_BF16_TARGET inline void csr_spmm_tile_dot(const int32_t* offs, const 
 // Eight nonzeros' 16-lane partial sums are folded to 8 lanes and reduced together.
 template <bool ADD>
 SPARSEKERN_BF16_TARGET inline void csr_sddmm_tile_dot(const int32_t* offs, const int32_t* idx,
-                                               const c10::BFloat16* dyt, const c10::BFloat16* xt,
-                                               int64_t r0, int64_t r1, float* out) {
+                                                      const c10::BFloat16* dyt, const c10::BFloat16* xt,
+                                                      int64_t r0, int64_t r1, float* out) {
   constexpr int T = 32;
   using Vec = Vec32<float>;
   Vec pbuf[8];
@@ -184,10 +184,10 @@ SPARSEKERN_BF16_TARGET inline void bsr_rows(const int32_t* offs, const int32_t* 
 // accumulators of the 32 registers; 4 at the tail of a block whose size is 4 mod 8).
 template <bool kPerm, bool kTransBlock>
 SPARSEKERN_BF16_TARGET inline void bsr_spmm_tile_dot(const int32_t* offs, const int32_t* idx,
-                                              const int32_t* perm, const c10::BFloat16* vals,
-                                              int64_t bs, const c10::BFloat16* xt, int64_t r0,
-                                              int64_t r1, c10::BFloat16* y, int64_t ldy, int64_t n0,
-                                              int64_t nvalid, const float* bias) {
+                                                     const int32_t* perm, const c10::BFloat16* vals,
+                                                     int64_t bs, const c10::BFloat16* xt, int64_t r0,
+                                                     int64_t r1, c10::BFloat16* y, int64_t ldy,
+                                                     int64_t n0, int64_t nvalid, const float* bias) {
   constexpr int T = 32;
   alignas(64) float buf[64 * T];  // one block row of output, bs <= 64
   for (int64_t br = r0; br < r1; ++br) {
