@@ -44,19 +44,17 @@ DOT_ENV = "SPARSEKERN_CPU_BF16_DOT"
 
 
 @contextlib.contextmanager
-def bf16_dot(setting: str | None):
-    """SPARSEKERN_CPU_BF16_DOT set to ``setting`` (None: left as it is) inside the block."""
+def bf16_dot(setting: str):
+    """SPARSEKERN_CPU_BF16_DOT set to ``setting`` inside the block, restored after."""
     old = os.environ.get(DOT_ENV)
-    if setting is not None:
-        os.environ[DOT_ENV] = setting
+    os.environ[DOT_ENV] = setting
     try:
         yield
     finally:
-        if setting is not None:
-            if old is None:
-                os.environ.pop(DOT_ENV, None)
-            else:
-                os.environ[DOT_ENV] = old
+        if old is None:
+            os.environ.pop(DOT_ENV, None)
+        else:
+            os.environ[DOT_ENV] = old
 
 
 def with_dot(fn, setting: str):
@@ -116,8 +114,7 @@ def run_case(in_f, out_f, batch, layout, bs, density, reps, slow_s, dense_cache)
         dense_cache[key] = {k: slow_or_median(f, reps, slow_s) for k, f in dense_ops(x, dy, w16).items()}
     dense16 = {k: v[0] for k, v in dense_cache[key].items()}
     dense_runs = {k: v[1] for k, v in dense_cache[key].items()}
-    with bf16_dot(None):
-        sparse16 = {k: median_ms(f, reps, warmup=1) for k, f in sparse_ops(topo16, x, dy).items()}
+    sparse16 = {k: median_ms(f, reps, warmup=1) for k, f in sparse_ops(topo16, x, dy).items()}
     widening = dot = None
     if sk.cpu_bf16_dot_supported():  # the two bf16 paths alternated call by call (read per call)
         widening, dot = paired_ms({k: with_dot(f, "0") for k, f in sparse_ops(topo16, x, dy).items()},

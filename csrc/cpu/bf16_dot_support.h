@@ -9,7 +9,6 @@
 
 #if defined(__AVX512F__) && defined(__GNUC__) && (defined(__clang__) ? __clang_major__ >= 11 : __GNUC__ >= 10)
 #define SPARSEKERN_BF16_DOT 1
-#include <immintrin.h>
 #else
 #define SPARSEKERN_BF16_DOT 0
 #endif

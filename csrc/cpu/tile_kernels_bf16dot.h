@@ -26,6 +26,9 @@
 #include <cstring>
 
 #include "bf16_dot_support.h"
+#if SPARSEKERN_BF16_DOT
+#include <immintrin.h>
+#endif
 #include "tile_kernels.h"
 
 namespace sparsekern {
