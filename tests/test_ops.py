@@ -6,7 +6,7 @@ import sparsekern as sk
 from sparsekern.ops import library as L
 from sparsekern.ops import reference as ref
 
-from conftest import TOL, make_topology
+from conftest import TOL, make_topology, num_threads
 
 SHAPES = [  # (M, out, in): odd shapes, batch 1, wide/tall, multi-tile batches
     (7, 96, 40), (1, 40, 96), (33, 24, 8), (100, 16, 64), (130, 64, 32), (37, 29, 45),
@@ -25,6 +25,23 @@ def dense_reference(x, topo, bias, dy):
     return y, dyd @ W, (dyd.T @ xd) * mask, dyd.sum(0)
 
 
+def assert_linear_matches_dense(M, topo):
+    """sparse_linear's y and every gradient (x, values, bias) on a fresh batch of M rows,
+    against the float64 masked-dense reference at the topology's dtype tolerance."""
+    dtype = topo.values.dtype
+    bias = torch.randn(topo.shape[0], dtype=dtype, requires_grad=True)
+    x = torch.randn(M, topo.shape[1], dtype=dtype, requires_grad=True)
+    y = sk.sparse_linear(x, topo, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_r, dx_r, dW_r, db_r = dense_reference(x, topo, bias, dy)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y.double(), y_r, **tol)
+    torch.testing.assert_close(x.grad.double(), dx_r, **tol)
+    torch.testing.assert_close(topo.to_dense(values=topo.values.grad).double(), dW_r, **tol)
+    torch.testing.assert_close(bias.grad.double(), db_r, **tol)
+
+
 def fit(shape, b):
     M, o, i = shape
     return M, max(b, o // b * b), max(b, i // b * b)
@@ -36,19 +53,7 @@ def fit(shape, b):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sparse_linear_matches_masked_dense(shape, density, layout, b, dtype, threads, ext_required):
     M, out_f, in_f = fit(shape, b)
-    topo = make_topology(out_f, in_f, density, layout, b, dtype, empty_rows=(0,))
-    bias = torch.randn(out_f, dtype=dtype, requires_grad=True)
-    x = torch.randn(M, in_f, dtype=dtype, requires_grad=True)
-    y = sk.sparse_linear(x, topo, bias)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    y_r, dx_r, dW_r, db_r = dense_reference(x, topo, bias, dy)
-    dW = topo.to_dense(values=topo.values.grad).double()
-    tol = TOL[dtype]
-    torch.testing.assert_close(y.double(), y_r, **tol)
-    torch.testing.assert_close(x.grad.double(), dx_r, **tol)
-    torch.testing.assert_close(dW, dW_r, **tol)
-    torch.testing.assert_close(bias.grad.double(), db_r, **tol)
+    assert_linear_matches_dense(M, make_topology(out_f, in_f, density, layout, b, dtype, empty_rows=(0,)))
 
 
 @pytest.mark.parametrize("layout,b", LAYOUTS)
@@ -130,6 +135,57 @@ def test_ops_take_leading_dims(layout, b, lead, ext_required):
     torch.testing.assert_close(ref.spmm(x, v, *t, None), y)
     with pytest.raises(ValueError, match="leading dims"):
         L.sddmm(dy.reshape(-1, 16)[:1], x.reshape(-1, 24)[:2] if x.dim() > 1 else x[None].repeat(2, 1), *t, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("M,in_f", [
+    (101, 2560), (160, 2560),  # fp32 x tiles of 320 KiB: 2 tiles per pass (4 tiles; 5 = 2 + 2 + 1)
+    (190, 96), (224, 96),      # small tiles: passes of 4 (+ 2, + 3 = 2 + 1 in fp32; more in fp64)
+])
+def test_csr_dw_over_multi_tile_passes(M, in_f, dtype, threads, ext_required):
+    """The CSR SDDMM takes up to 4 batch tiles per pass (as many as fit the x-tile
+    budget); every split of the batch into passes, partial last tile included, sums to
+    the float64 masked-dense dW."""
+    topo = make_topology(40, in_f, 0.05, "csr", 1, dtype, empty_rows=(0, 7))
+    x = torch.randn(M, in_f, dtype=dtype)
+    dy = torch.randn(M, 40, dtype=dtype)
+    dw = topo.to_dense(values=L.sddmm(dy, x, *topo.topology(), 1)).double()
+    want = (dy.double().T @ x.double()) * topo.mask()
+    torch.testing.assert_close(dw, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("M,out_f,in_f,density", [
+    (70, 600, 520, 0.3),    # fwd panels 256+256+8, dX (gather, W^T rows of 600) 256+256+88
+    (5, 37, 1100, 0.5),     # batch below one tile (the narrow tile width), 5 panels, tail 76
+    (300, 520, 513, 1.0),   # full rows, a 1-column last panel; dX gather at 2+ tiles/thread
+    (40, 512, 512, 0.26),   # just over the rule's 1/4 density, exactly 2 panels
+])
+def test_csr_column_panels_match_masked_dense(M, out_f, in_f, density, dtype, threads, ext_required):
+    """Dense CSR rows (>= 1/4 density, >= 2 panels of 256 features) run the forward and
+    gather-form dX in L1 column panels with per-row cursors; every panel boundary, empty
+    rows and the bias (added on the last panel) match the float64 masked-dense result."""
+    assert_linear_matches_dense(M, make_topology(out_f, in_f, density, "csr", 1, dtype,
+                                                 empty_rows=(0, 3, out_f - 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_column_panels_sum_in_the_fp32_order(dtype, monkeypatch):
+    """The widening 16-bit forward takes the same panels as fp32 (the rule reads only the
+    structure), so on the same 16-bit inputs its y is the fp32 kernels' y rounded once."""
+    monkeypatch.setenv("SPARSEKERN_CPU_BF16_DOT", "0")
+    topo = make_topology(300, 700, 0.4, "csr", 1, dtype, empty_rows=(1,))
+    meta, v = topo.topology(), topo.values.detach()
+    x, bias = torch.randn(77, 700).to(dtype), torch.randn(300).to(dtype)
+    ops = torch.ops.sparsekern
+    for n in (1, 2):
+        with num_threads(n):
+            got = ops.spmm(x, v, *meta, bias)
+            want = ops.spmm(x.float(), v.float(), *meta, bias.float())
+        assert got.dtype == dtype
+        assert torch.equal(got, want.to(dtype)), f"{n} threads"
+        torch.testing.assert_close(want.double(), x.double() @ topo.to_dense().double().T + bias.double(),
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("layout,b", [("csr", None), ("bsr", 8)])

@@ -18,6 +18,7 @@
 // deterministic, and the same at every thread count. Batch 1 still uses every
 // thread.
 #include <omp.h>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -100,6 +101,66 @@ void pack_range(const at::Tensor& x, int64_t n0, int64_t nvalid, int64_t cb, sca
   }
 }
 
+// Batch tiles per CSR SDDMM pass (csr_sddmm_tile's NB): reading and writing each
+// output once, and reducing across lanes once, per NB tiles measured 1.1-1.25x
+// faster than one tile per pass (DEVELOPERS.md). As many as keep their packed x
+// tiles within kPassXBudget (with the streamed rows, in the core's L2: 2 MiB on
+// Zen 4 and Sapphire Rapids); 4 where 4 x NV dy vectors fit the registers
+// (AVX-512's 32), else at most 2.
+constexpr int64_t kPassXBudget = int64_t(1) << 20;
+
+template <typename scalar_t, int NV>
+#if defined(__AVX512F__)
+constexpr int kMaxTilesPerPass = 4 * NV <= 16 ? 4 : 2;
+#else
+constexpr int kMaxTilesPerPass = 2;
+#endif
+
+template <typename scalar_t, int NV>
+int sddmm_tiles_per_pass(int64_t KT) {
+  const int64_t fit = kPassXBudget / std::max<int64_t>(KT * static_cast<int64_t>(sizeof(scalar_t)), 1);
+  return static_cast<int>(std::min<int64_t>({fit >= 4 ? 4 : fit >= 2 ? 2 : 1, kMaxTilesPerPass<scalar_t, NV>}));
+}
+
+// csr_sddmm_tile over CSR rows [r0, r1) and up to `avail` consecutive packed tiles
+// (strides NT and KT elements) as one pass; returns the number of tiles taken.
+template <typename scalar_t, int NV>
+int64_t csr_sddmm_pass(int64_t avail, const int32_t* offs, const int32_t* idx, int64_t r0, int64_t r1,
+                       const scalar_t* dg, int64_t NT, const scalar_t* xg, int64_t KT, bool add,
+                       Acc<scalar_t>* op) {
+  auto run = [&](auto nb_c) -> int64_t {
+    constexpr int NB = decltype(nb_c)::value;
+    const scalar_t* d[NB];
+    const scalar_t* x[NB];
+    for (int b = 0; b < NB; ++b) {
+      d[b] = dg + b * NT;
+      x[b] = xg + b * KT;
+    }
+    if (add)
+      csr_sddmm_tile<scalar_t, NV, NB, true>(offs, idx, d, x, r0, r1, op);
+    else
+      csr_sddmm_tile<scalar_t, NV, NB, false>(offs, idx, d, x, r0, r1, op);
+    return NB;
+  };
+  if constexpr (kMaxTilesPerPass<scalar_t, NV> >= 4)
+    if (avail >= 4) return run(std::integral_constant<int, 4>{});
+  if (avail >= 2) return run(std::integral_constant<int, 2>{});
+  return run(std::integral_constant<int, 1>{});
+}
+
+// CSR forward and gather-form dX in column panels of kPanelCols features
+// (csr_spmm_tile_panels) when rows hold on average >= 64 nonzeros per panel (density
+// >= 1/4) and there are at least two panels: then one x panel serves enough FMAs from
+// L1 to repay the per-row cursor and the partial sums' round trip. Measured 1.1-1.45x
+// at density 0.5 and 1.0-1.3x at 0.3, 0.7-0.95x at 0.1, on Zen 4 and Sapphire Rapids-
+// class Xeons (DEVELOPERS.md). The choice depends only on the structure, never on the
+// batch or the thread count, so results stay bitwise the same at every thread count.
+constexpr int64_t kPanelCols = 256;
+
+inline bool use_column_panels(int64_t R, int64_t K, int64_t nnz) {
+  return K >= 2 * kPanelCols && 4 * nnz >= R * K;
+}
+
 // y[M, R*bs] = x[M, C*bs] . A^T (+ bias) where A is W (forward) or, with perm_t given,
 // W^T (dX = dY . W): BSR reads W's blocks through t_perm, transposed; CSR takes values
 // already in W^T's order (perm_t unused). bias, when given, holds Acc<scalar_t>.
@@ -128,6 +189,7 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
   scalar_t* xt = xt_t.data_ptr<scalar_t>();
   const int64_t npack = (K + kPackCols - 1) / kPackCols;
   const bool dot = kDotTiles<scalar_t, NV> && bf16_dot_enabled();
+  const bool panels = !tv.bsr && use_column_panels(R, K, R > 0 ? offs[R] : 0);
 #pragma omp parallel num_threads(nt)
   for (int64_t g0 = 0; g0 < ntiles; g0 += G) {
     const int64_t gn = std::min<int64_t>(G, ntiles - g0);
@@ -157,7 +219,10 @@ void spmm_launch(const at::Tensor& x, const TopologyView& tv, const at::Tensor& 
           }
         }
 #endif
-        if (!tv.bsr)
+        if (panels)
+          csr_spmm_tile_panels<scalar_t, NV>(offs, idx, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp, K,
+                                             kPanelCols);
+        else if (!tv.bsr)
           csr_spmm_tile<scalar_t, NV>(offs, idx, vals, xg, r0, r1, yp, ldy, n0, nvalid, bp);
         else if (transposed)
           bsr_spmm_tile<scalar_t, NV, true, true>(offs, idx, perm, vals, tv.bs, xg, r0, r1, yp, ldy,
@@ -186,7 +251,12 @@ at::Tensor values_in_transpose_order(const at::Tensor& values, const at::Tensor&
 }
 
 // CSR dX in scatter form, one batch tile per thread (see csr_spmm_t_scatter_tile); used
-// for fp32/fp64 when there are at least 2 tiles per thread.
+// for fp32/fp64 when there are at least 2 tiles per thread, a tile's dx accumulators
+// fit in L1 (kScatterAccBudget) and the gather form would not use column panels.
+// Its read-modify-write of the accumulators measured 1.4-2.2x slower than the gather
+// form when they live in L2 on a Sapphire Rapids-class Xeon (about even on Zen 4),
+// 0.7-0.95x of its time when they fit in L1 (DEVELOPERS.md).
+constexpr int64_t kScatterAccBudget = int64_t(48) << 10;
 template <typename scalar_t, int NV>
 void spmm_t_scatter_launch(const at::Tensor& dy, const TopologyView& tv, const at::Tensor& values,
                            const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& dx) {
@@ -240,6 +310,7 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
   const int64_t npx = (K + kPackCols - 1) / kPackCols;
   const int64_t npy = (N + kPackCols - 1) / kPackCols;
   const bool dot = kDotTiles<scalar_t, NV> && !tv.bsr && bf16_dot_enabled();
+  const int nb = sddmm_tiles_per_pass<scalar_t, NV>(KT);
 #pragma omp parallel num_threads(nt)
   for (int64_t g0 = 0; g0 < ntiles; g0 += G) {
     const int64_t gn = std::min<int64_t>(G, ntiles - g0);
@@ -254,7 +325,8 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
     }
 #pragma omp for schedule(dynamic, 1)
     for (int ch = 0; ch < nch; ++ch) {
-      for (int64_t tile = 0; tile < gn; ++tile) {
+      const int64_t r0 = bounds[ch], r1 = bounds[ch + 1];
+      for (int64_t tile = 0; tile < gn;) {
         // The first batch tile writes the output, later tiles add to it.
         const bool add = g0 + tile > 0;
         const scalar_t* xg = xt + tile * KT;
@@ -263,19 +335,21 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
         if constexpr (kDotTiles<scalar_t, NV>) {
           if (dot) {
             if (add)
-              csr_sddmm_tile_dot<true>(offs, idx, dg, xg, bounds[ch], bounds[ch + 1], op);
+              csr_sddmm_tile_dot<true>(offs, idx, dg, xg, r0, r1, op);
             else
-              csr_sddmm_tile_dot<false>(offs, idx, dg, xg, bounds[ch], bounds[ch + 1], op);
+              csr_sddmm_tile_dot<false>(offs, idx, dg, xg, r0, r1, op);
+            ++tile;
             continue;
           }
         }
 #endif
-        if (tv.bsr)
-          bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, dg, xg, bounds[ch], bounds[ch + 1], add, op);
-        else if (add)
-          csr_sddmm_tile<scalar_t, NV, true>(offs, idx, dg, xg, bounds[ch], bounds[ch + 1], op);
-        else
-          csr_sddmm_tile<scalar_t, NV, false>(offs, idx, dg, xg, bounds[ch], bounds[ch + 1], op);
+        if (tv.bsr) {
+          bsr_sddmm_tile<scalar_t, NV>(offs, idx, tv.bs, dg, xg, r0, r1, add, op);
+          ++tile;
+          continue;
+        }
+        tile += csr_sddmm_pass<scalar_t, NV>(std::min<int64_t>(nb, gn - tile), offs, idx, r0, r1, dg, NT, xg, KT,
+                                             add, op);
       }
     }
   }
@@ -403,7 +477,10 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "sparsekern_spmm_t_cpu", [&] {
     constexpr int T = TileConfig<scalar_t, 4>::kTile;
     const int64_t ntiles = (dy.size(0) + T - 1) / T;
-    if (!tv.bsr && !is_16bit_v<scalar_t> && ntiles >= 2 * at::get_num_threads()) {
+    const bool scatter = !tv.bsr && !is_16bit_v<scalar_t> && ntiles >= 2 * at::get_num_threads() &&
+                         tv.cols * T * static_cast<int64_t>(sizeof(Acc<scalar_t>)) <= kScatterAccBudget &&
+                         !use_column_panels(tv.cols, tv.rows, tv.nnz);
+    if (scatter) {
       // Scatter form reads W's own structure.
       check_offsets_host(row_offsets, tv.nnz, "row_offsets");
       check_indices_below(col_indices, tv.cols, "col_indices");

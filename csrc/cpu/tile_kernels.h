@@ -17,9 +17,12 @@
 //
 // Speed: the CSR loops are bound by L2->L1 bandwidth (each FMA needs its own
 // 32-byte x vector, ~1 FMA/cycle on Zen 4, ~45% of MKL's dense rate). Measured
-// and not kept: prefetching x rows (no change), L1 column panels with per-row
-// cursors (2x slower), tiles of 16 or 64 rows (no better). BSR kernels reuse
-// each x vector from registers (see bsr_spmm_tile, bsr_sddmm_outer).
+// and not kept: prefetching x rows (no change), tiles of 16 or 64 rows (no
+// better), several batch tiles per forward pass (slower below density 0.5).
+// L1 column panels with per-row cursors (csr_spmm_tile_panels) pay only for
+// dense rows (>= 64 nonzeros per 256-column panel: 1.1-1.45x at density 0.5;
+// 2x slower at 0.1). BSR kernels reuse each x vector from registers (see
+// bsr_spmm_tile, bsr_sddmm_outer).
 #pragma once
 
 #include <algorithm>
@@ -140,10 +143,43 @@ inline void store_transposed(const Acc<S>* buf, int64_t rows, S* y,
   }
 }
 
+// Entries [k, kend) of one CSR row times the packed tile, summed into a0 and a1: two
+// accumulator sets hide the 4-cycle FMA latency (2 x NV independent chains). kBounded
+// stops at the first pair whose column reaches pend (a column panel's end); returns
+// the first entry not taken.
+template <typename S, int NV, bool kBounded>
+inline int64_t csr_row_fma(const int32_t* idx, const S* vals, const S* xt, int64_t k, int64_t kend,
+                           uint32_t pend, Vec32<Acc<S>> (&a0)[NV], Vec32<Acc<S>> (&a1)[NV]) {
+  using A = Acc<S>;
+  using Vec = Vec32<A>;
+  constexpr int T = TileConfig<S, NV>::kTile;
+  auto in_panel = [&](int64_t j) { return !kBounded || static_cast<uint32_t>(idx[j]) < pend; };
+  for (; k + 1 < kend && in_panel(k + 1); k += 2) {
+    const uint64_t c0 = static_cast<uint32_t>(idx[k]);
+    const uint64_t c1 = static_cast<uint32_t>(idx[k + 1]);
+    const A w0 = to_acc(vals[k]), w1 = to_acc(vals[k + 1]);
+    Vec x0[NV], x1[NV];
+    widen_row<S, NV>(xt + c0 * T, x0);
+    widen_row<S, NV>(xt + c1 * T, x1);
+    for (int v = 0; v < NV; ++v) {
+      a0[v] += w0 * x0[v];
+      a1[v] += w1 * x1[v];
+    }
+  }
+  if (k < kend && in_panel(k)) {
+    const uint64_t c0 = static_cast<uint32_t>(idx[k]);
+    const A w0 = to_acc(vals[k]);
+    Vec x0[NV];
+    widen_row<S, NV>(xt + c0 * T, x0);
+    for (int v = 0; v < NV; ++v) a0[v] += w0 * x0[v];
+    ++k;
+  }
+  return k;
+}
+
 // CSR rows [r0, r1) of A times the packed tile:
 // y[n0 + t][r] = bias[r] + sum_k vals[k] * xt[idx[k]][t]. Forward uses A = W; dX uses
 // A = W^T with W's values gathered into W^T's order once per call (the launcher).
-// Two accumulator sets hide the 4-cycle FMA latency (2 x NV independent chains).
 template <typename S, int NV>
 void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const S* vals, const S* xt,
                    int64_t r0, int64_t r1, S* y, int64_t ldy, int64_t n0, int64_t nvalid,
@@ -160,32 +196,51 @@ void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const S* vals, const
     for (int64_t r = rg; r < re; ++r) {
       Vec a0[NV], a1[NV];
       for (int v = 0; v < NV; ++v) { a0[v] = Vec{} ; a1[v] = Vec{}; }
-      int64_t k = offs[r];
-      const int64_t kend = offs[r + 1];
-      for (; k + 1 < kend; k += 2) {
-        const uint64_t c0 = static_cast<uint32_t>(idx[k]);
-        const uint64_t c1 = static_cast<uint32_t>(idx[k + 1]);
-        const A w0 = to_acc(vals[k]), w1 = to_acc(vals[k + 1]);
-        Vec x0[NV], x1[NV];
-        widen_row<S, NV>(xt + c0 * T, x0);
-        widen_row<S, NV>(xt + c1 * T, x1);
-        for (int v = 0; v < NV; ++v) {
-          a0[v] += w0 * x0[v];
-          a1[v] += w1 * x1[v];
-        }
-      }
-      if (k < kend) {
-        const uint64_t c0 = static_cast<uint32_t>(idx[k]);
-        const A w0 = to_acc(vals[k]);
-        Vec x0[NV];
-        widen_row<S, NV>(xt + c0 * T, x0);
-        for (int v = 0; v < NV; ++v) a0[v] += w0 * x0[v];
-      }
+      csr_row_fma<S, NV, false>(idx, vals, xt, offs[r], offs[r + 1], 0, a0, a1);
       const A b = bias ? bias[r] : A(0);
       for (int v = 0; v < NV; ++v) a0[v] += a1[v] + b;
       natural_row<S, NV>(a0);
       Vec* out = reinterpret_cast<Vec*>(buf + (r - rg) * T);
       for (int v = 0; v < NV; ++v) out[v] = a0[v];
+    }
+    store_transposed<S, T>(buf, re - rg, y, ldy, n0, nvalid, rg);
+  }
+}
+
+// csr_spmm_tile in column panels of pw features: within each group of RG rows,
+// panels outer and rows inner, so one x panel (pw * T elements, 32 KiB for pw = 256
+// in fp32) stays in L1 while the RG rows read their next segment from per-row
+// cursors (no second copy of the structure); partial sums wait in buf between
+// panels. Pays when rows are dense (the launcher's rule). Each row's remaining
+// entries all go to its last panel (pend = K), so every entry is summed exactly
+// once whatever the order of a row's columns.
+template <typename S, int NV>
+void csr_spmm_tile_panels(const int32_t* offs, const int32_t* idx, const S* vals, const S* xt,
+                          int64_t r0, int64_t r1, S* y, int64_t ldy, int64_t n0, int64_t nvalid,
+                          const Acc<S>* bias, int64_t K, int64_t pw) {
+  using Cfg = TileConfig<S, NV>;
+  using A = typename Cfg::A;
+  using Vec = typename Cfg::Vec;
+  constexpr int T = Cfg::kTile;
+  constexpr int RG = Cfg::kRowGroup;
+  alignas(64) A buf[RG * T];
+  int64_t cur[RG];
+  for (int64_t rg = r0; rg < r1; rg += RG) {
+    const int64_t re = std::min<int64_t>(rg + RG, r1);
+    for (int64_t r = rg; r < re; ++r) cur[r - rg] = offs[r];
+    for (int64_t p0 = 0; p0 < K; p0 += pw) {
+      const uint32_t pend = static_cast<uint32_t>(std::min<int64_t>(p0 + pw, K));
+      const bool last = p0 + pw >= K;
+      for (int64_t r = rg; r < re; ++r) {
+        Vec* out = reinterpret_cast<Vec*>(buf + (r - rg) * T);
+        Vec a0[NV], a1[NV];
+        for (int v = 0; v < NV; ++v) { a0[v] = p0 == 0 ? Vec{} : out[v]; a1[v] = Vec{}; }
+        cur[r - rg] = csr_row_fma<S, NV, true>(idx, vals, xt, cur[r - rg], offs[r + 1], pend, a0, a1);
+        const A b = last && bias ? bias[r] : A(0);
+        for (int v = 0; v < NV; ++v) a0[v] += a1[v] + b;
+        if (last) natural_row<S, NV>(a0);
+        for (int v = 0; v < NV; ++v) out[v] = a0[v];
+      }
     }
     store_transposed<S, T>(buf, re - rg, y, ldy, n0, nvalid, rg);
   }
@@ -276,30 +331,38 @@ inline void hsum_many(const Vec* p, int n, scalar_t* out) {
   for (int j = 0; j < n; ++j) out[j] = (ADD ? out[j] : scalar_t(0)) + hsum<scalar_t, Vec, W>(p[j]);
 }
 
-// SDDMM over CSR rows [r0, r1) for one tile: out[k] += <dyt[r][:], xt[idx[k]][:]>
-// (ADD) or out[k] = ... (the first tile: the output needs no zero fill).
-// The caller sums tiles in order, so the result is deterministic.
-template <typename S, int NV, bool ADD>
-void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const S* dyt,
-                    const S* xt, int64_t r0, int64_t r1, Acc<S>* out) {
+// SDDMM over CSR rows [r0, r1) for NB batch tiles at once:
+// out[k] += sum_b <dyt[b][r][:], xt[b][idx[k]][:]> (ADD) or out[k] = ... (the
+// first tiles: the output needs no zero fill). Taking NB tiles per pass reads
+// and writes out[] and reduces across lanes once per NB tiles (1.05-1.2x at
+// NB = 2-4, DEVELOPERS.md); the launcher picks NB so the x tiles stay in L2.
+// The caller sums the passes in order, so the result is deterministic.
+template <typename S, int NV, int NB, bool ADD>
+void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const S* const (&dyt)[NB],
+                    const S* const (&xt)[NB], int64_t r0, int64_t r1, Acc<S>* out) {
   using Cfg = TileConfig<S, NV>;
   using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
   constexpr int W = Cfg::kVecWidth;
+  static_assert(NB >= 1 && NB * NV <= 16, "csr_sddmm_tile: NB x NV dy vectors must fit in registers");
   Vec pbuf[8];
   for (int64_t r = r0; r < r1; ++r) {
-    Vec d[NV];  // pair order, as the x rows: only sums over lanes follow
-    widen_row<S, NV>(dyt + r * T, d);
+    Vec d[NB][NV];  // pair order, as the x rows: only sums over lanes follow
+    for (int b = 0; b < NB; ++b) widen_row<S, NV>(dyt[b] + r * T, d[b]);
     int np = 0;
     const int64_t kend = offs[r + 1];
     for (int64_t k = offs[r]; k < kend; ++k) {
       const uint64_t c = static_cast<uint32_t>(idx[k]);
-      Vec xv[NV];
-      widen_row<S, NV>(xt + c * T, xv);
-      Vec p = d[0] * xv[0];
-      for (int v = 1; v < NV; ++v) p += d[v] * xv[v];
-      pbuf[np++] = p;
+      Vec p[NB];
+      for (int b = 0; b < NB; ++b) {
+        Vec xv[NV];
+        widen_row<S, NV>(xt[b] + c * T, xv);
+        p[b] = d[b][0] * xv[0];
+        for (int v = 1; v < NV; ++v) p[b] += d[b][v] * xv[v];
+      }
+      for (int b = 1; b < NB; ++b) p[0] += p[b];
+      pbuf[np++] = p[0];
       if (np == 8) {
         hsum_many<A, Vec, W, ADD>(pbuf, 8, out + k - 7);
         np = 0;
