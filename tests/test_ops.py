@@ -155,6 +155,20 @@ def test_csr_dw_over_multi_tile_passes(M, in_f, dtype, threads, ext_required):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("b", [8, 16, 32, 64])
+def test_bsr_dw_outer_register_blocks(b, dtype, threads, ext_required):
+    """BSR dW in outer-product form picks its register block by block size and lanes
+    (fp32 on AVX-512: one 16-lane vector x 16 rows for b = 16, two x eight for 32 and 64;
+    32-byte lanes for b = 8 and fp64): each, over two 256-row batch chunks (the second
+    adds), matches the float64 masked-dense dW."""
+    topo = make_topology(2 * b, 3 * b, 0.5, "bsr", b, dtype, empty_rows=(0,))
+    x = torch.randn(300, 3 * b, dtype=dtype)
+    dy = torch.randn(300, 2 * b, dtype=dtype)
+    dw = topo.to_dense(values=L.sddmm(dy, x, *topo.topology(), b)).double()
+    torch.testing.assert_close(dw, (dy.double().T @ x.double()) * topo.mask(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("M,out_f,in_f,density", [
     (70, 600, 520, 0.3),    # fwd panels 256+256+8, dX (gather, W^T rows of 600) 256+256+88
     (5, 37, 1100, 0.5),     # batch below one tile (the narrow tile width), 5 panels, tail 76

@@ -361,21 +361,24 @@ void sddmm_launch(const at::Tensor& dy, const at::Tensor& x, const TopologyView&
 template <typename scalar_t>
 bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, const TopologyView& tv,
                             const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& out) {
-  constexpr int W = kLanes<Acc<scalar_t>>;
-  constexpr int kIR = 8;  // rows per register block: bs must be a multiple
-  if (!tv.bsr || tv.bs % W != 0 || tv.bs % kIR != 0) return false;
-  // Two vectors of columns per step only when they tile the block exactly
-  // (b = 24, 40, 56 in fp32 step one vector: two would write past the block).
+  using Narrow = BlockLanes<scalar_t, 1>;
+  using Wide = BlockLanes<scalar_t, 2>;  // 64-byte vectors for fp32 on AVX-512, else Narrow
+  constexpr int W = Narrow::kW;
+  if (!tv.bsr || tv.bs % W != 0 || tv.bs % 8 != 0) return false;
   const at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
   const int32_t* offs = offs_t.data_ptr<int32_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const int nt = std::max(1, at::get_num_threads());
   const int nch = row_chunks(nt, tv.rows, 1);
   const auto bounds = balance_rows(offs, tv.rows, nch, 1);
-  // Two vectors of columns x eight rows (16 accumulators, 10 loads per 16
-  // FMAs) measured best for b = 16 and 32: dW 7.9x / 8.2x dense at
-  // 4096x4096, batch 256, density 0.1 (four x four: 7.3x / 5.7x).
-  const int64_t jv = tv.bs % (2 * W) == 0 ? 2 : 1;
+  // Register blocks, measured best for b = 16 and 32 (4096x4096, batch 256, density 0.1):
+  // 32-byte lanes, two vectors of columns x eight rows (16 accumulators, 10 loads per 16
+  // FMAs): dW 7.9x / 8.2x dense on Zen 3 (four x four: 7.3x / 5.7x); 64-byte lanes (b a
+  // multiple of 16) one vector x 16 rows, or for b a multiple of 32 two x eight: dW
+  // 1.4-1.6x faster than 32-byte lanes on a Sapphire Rapids-class Xeon (DEVELOPERS.md). Two vectors of columns only when they tile the block
+  // exactly (b = 24, 40, 56 in fp32 step one vector: two would write past the block).
+  const bool wide = Wide::kW > W && tv.bs % Wide::kW == 0;
+  const int64_t jv = tv.bs % (2 * (wide ? Wide::kW : W)) == 0 ? 2 : 1;
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   Acc<scalar_t>* op = out.data_ptr<Acc<scalar_t>>();
@@ -397,12 +400,15 @@ bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, con
         }
       }
 #endif
-      if (jv == 2)
-        bsr_sddmm_outer<scalar_t, 2, kIR>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, n0 > 0, r0,
-                                          r1, op);
+      const bool acc = n0 > 0;
+      if (wide && jv == 2)
+        bsr_sddmm_outer<scalar_t, 2, 8, Wide>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, acc, r0, r1, op);
+      else if (wide)
+        bsr_sddmm_outer<scalar_t, 1, 16, Wide>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, acc, r0, r1, op);
+      else if (jv == 2)
+        bsr_sddmm_outer<scalar_t, 2, 8, Narrow>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, acc, r0, r1, op);
       else
-        bsr_sddmm_outer<scalar_t, 1, kIR>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, n0 > 0, r0,
-                                          r1, op);
+        bsr_sddmm_outer<scalar_t, 1, 8, Narrow>(offs, idx, tv.bs, dyp, ldy, xp, ldx, n0, n1, acc, r0, r1, op);
     }
   }
   return true;

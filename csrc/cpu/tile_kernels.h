@@ -15,8 +15,11 @@
 // (sparse_matmul_cpu.cpp, checks.h) validate shapes, dtypes, offsets and every
 // index they read before any kernel runs (one vectorised pass per call).
 //
-// Speed: the CSR loops are bound by L2->L1 bandwidth (each FMA needs its own
-// 32-byte x vector, ~1 FMA/cycle on Zen 4, ~45% of MKL's dense rate). Measured
+// Speed: the CSR loops are bound by L2->L1 bandwidth (each nonzero needs its own
+// T-element x row, ~1 32-byte FMA/cycle on Zen 4, ~45% of MKL's dense rate). fp32 on
+// AVX-512 builds computes in 64-byte vectors (csr_row_fma, SddmmDyRows, BlockLanes):
+// the same lanes, half the instructions; 1.1-1.6x on a Xeon's two 512-bit FMA
+// ports, where 32-byte loops left half of each FMA idle. Measured
 // and not kept: prefetching x rows (no change), tiles of 16 or 64 rows (no
 // better), several batch tiles per forward pass (slower below density 0.5).
 // L1 column panels with per-row cursors (csr_spmm_tile_panels) pay only for
@@ -154,6 +157,42 @@ inline int64_t csr_row_fma(const int32_t* idx, const S* vals, const S* xt, int64
   using Vec = Vec32<A>;
   constexpr int T = TileConfig<S, NV>::kTile;
   auto in_panel = [&](int64_t j) { return !kBounded || static_cast<uint32_t>(idx[j]) < pend; };
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if constexpr (std::is_same<S, float>::value && NV % 2 == 0) {
+    // fp32 on AVX-512: the same lanes, two ymm accumulators joined per zmm, so each
+    // nonzero costs NV / 2 loads and FMAs (1.12-1.2x on a Xeon's two 512-bit FMA ports,
+    // DEVELOPERS.md). Every lane sums the same terms in the same order as the ymm loop:
+    // results are equal bit for bit.
+    constexpr int NZ = NV / 2;
+    __m512 z0[NZ], z1[NZ];
+    for (int v = 0; v < NZ; ++v) {
+      z0[v] = _mm512_insertf32x8(_mm512_castps256_ps512((__m256)a0[2 * v]), (__m256)a0[2 * v + 1], 1);
+      z1[v] = _mm512_insertf32x8(_mm512_castps256_ps512((__m256)a1[2 * v]), (__m256)a1[2 * v + 1], 1);
+    }
+    for (; k + 1 < kend && in_panel(k + 1); k += 2) {
+      const float* p0 = xt + static_cast<uint64_t>(static_cast<uint32_t>(idx[k])) * T;
+      const float* p1 = xt + static_cast<uint64_t>(static_cast<uint32_t>(idx[k + 1])) * T;
+      const __m512 w0 = _mm512_set1_ps(vals[k]), w1 = _mm512_set1_ps(vals[k + 1]);
+      for (int v = 0; v < NZ; ++v) {
+        z0[v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p0 + 16 * v), z0[v]);
+        z1[v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(p1 + 16 * v), z1[v]);
+      }
+    }
+    if (k < kend && in_panel(k)) {
+      const float* p0 = xt + static_cast<uint64_t>(static_cast<uint32_t>(idx[k])) * T;
+      const __m512 w0 = _mm512_set1_ps(vals[k]);
+      for (int v = 0; v < NZ; ++v) z0[v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p0 + 16 * v), z0[v]);
+      ++k;
+    }
+    for (int v = 0; v < NZ; ++v) {
+      a0[2 * v] = (Vec)_mm512_castps512_ps256(z0[v]);
+      a0[2 * v + 1] = (Vec)_mm512_extractf32x8_ps(z0[v], 1);
+      a1[2 * v] = (Vec)_mm512_castps512_ps256(z1[v]);
+      a1[2 * v + 1] = (Vec)_mm512_extractf32x8_ps(z1[v], 1);
+    }
+    return k;
+  }
+#endif
   for (; k + 1 < kend && in_panel(k + 1); k += 2) {
     const uint64_t c0 = static_cast<uint32_t>(idx[k]);
     const uint64_t c1 = static_cast<uint32_t>(idx[k + 1]);
@@ -246,6 +285,30 @@ void csr_spmm_tile_panels(const int32_t* offs, const int32_t* idx, const S* vals
   }
 }
 
+// The lanes BSR kernels compute in: one 32-byte vector per 8 fp32 (NV per tile row), or,
+// for fp32 on AVX-512 with an even NV, one 64-byte vector per 16 (NV / 2): half the loads
+// and FMAs, the same lanes summed in the same order (bit for bit the same results).
+template <typename S, int NV, typename = void>
+struct BlockLanes {
+  using Vec = Vec32<Acc<S>>;
+  using VecU = Vec32U<Acc<S>>;
+  static constexpr int kN = NV;
+  static constexpr int kW = kLanes<Acc<S>>;
+  static Vec load(const S* p) { return widen_load(p); }
+  static VecU loadu(const S* p) { return widen_loadu(p); }
+};
+#if defined(__AVX512F__)
+template <int NV>
+struct BlockLanes<float, NV, std::enable_if_t<NV % 2 == 0>> {
+  typedef float Vec __attribute__((vector_size(64), aligned(64)));
+  typedef float VecU __attribute__((vector_size(64), aligned(4)));
+  static constexpr int kN = NV / 2;
+  static constexpr int kW = 16;
+  static Vec load(const float* p) { return *reinterpret_cast<const VecU*>(p); }
+  static VecU loadu(const float* p) { return *reinterpret_cast<const VecU*>(p); }
+};
+#endif
+
 // BSR block rows [r0, r1) (block size bs, a multiple of 4) times the packed
 // tile. kTransBlock reads each block transposed (for dX through W^T's perm).
 // Four block rows share each loaded x vector: 0.5 loads per FMA instead of 1.
@@ -256,9 +319,7 @@ void bsr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
                    const Acc<S>* bias) {
   using Cfg = TileConfig<S, NV>;
   using A = typename Cfg::A;
-  using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
-  constexpr int W = Cfg::kVecWidth;
   constexpr int RS = 4;  // block rows per register group
   // 16-bit lanes are widened once per x vector and kept in registers when
   // there are enough (AVX-512: 32); otherwise the FMAs read x from memory.
@@ -267,13 +328,15 @@ void bsr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
 #else
   constexpr bool kHoist = false;
 #endif
+  using L = BlockLanes<S, NV>;
+  using Vec = typename L::Vec;
   alignas(64) A buf[64 * T];  // one block row of output, bs <= 64
   const int64_t bb = bs * bs;
   for (int64_t br = r0; br < r1; ++br) {
     for (int64_t i0 = 0; i0 < bs; i0 += RS) {
-      Vec acc[RS][NV];
+      Vec acc[RS][L::kN];
       for (int i = 0; i < RS; ++i)
-        for (int v = 0; v < NV; ++v) acc[i][v] = Vec{};
+        for (int v = 0; v < L::kN; ++v) acc[i][v] = Vec{};
       for (int64_t k = offs[br]; k < offs[br + 1]; ++k) {
         const uint64_t bc = static_cast<uint32_t>(idx[k]);
         const uint64_t p = kPerm ? static_cast<uint32_t>(perm[k]) : k;
@@ -281,11 +344,11 @@ void bsr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
         const S* xb = xt + bc * bs * T;
         for (int64_t c = 0; c < bs; ++c) {
           const S* xc = xb + c * T;
-          Vec xv[NV];
+          Vec xv[L::kN];
           if constexpr (kHoist) widen_row<S, NV>(xc, xv);
           for (int i = 0; i < RS; ++i) {
             const A w = to_acc(kTransBlock ? blk[c * bs + i0 + i] : blk[(i0 + i) * bs + c]);
-            for (int v = 0; v < NV; ++v) acc[i][v] += w * (kHoist ? xv[v] : widen_load(xc + v * W));
+            for (int v = 0; v < L::kN; ++v) acc[i][v] += w * (kHoist ? xv[v] : L::load(xc + v * L::kW));
           }
         }
       }
@@ -293,7 +356,7 @@ void bsr_spmm_tile(const int32_t* offs, const int32_t* idx, const int32_t* perm,
         const A b = bias ? bias[br * bs + i0 + i] : A(0);
         if constexpr (kHoist) natural_row<S, NV>(acc[i]);
         Vec* out = reinterpret_cast<Vec*>(buf + (i0 + i) * T);
-        for (int v = 0; v < NV; ++v) out[v] = acc[i][v] + b;
+        for (int v = 0; v < L::kN; ++v) out[v] = acc[i][v] + b;
       }
     }
     store_transposed<S, T>(buf, bs, y, ldy, n0, nvalid, br * bs);
@@ -331,6 +394,53 @@ inline void hsum_many(const Vec* p, int n, scalar_t* out) {
   for (int j = 0; j < n; ++j) out[j] = (ADD ? out[j] : scalar_t(0)) + hsum<scalar_t, Vec, W>(p[j]);
 }
 
+// One output row's dy rows from NB batch tiles, held in registers by csr_sddmm_tile;
+// dot(xt, c) is the lane-wise sum over the NB tiles of dy[b][r][:] * xt[b][c][:], one
+// vector whose lanes csr_sddmm_tile then reduces. The dy rows are widened into pair order,
+// as the x rows are: only sums over lanes follow.
+template <typename S, int NV, int NB, typename = void>
+struct SddmmDyRows {
+  using Vec = Vec32<Acc<S>>;
+  static constexpr int T = TileConfig<S, NV>::kTile;
+  Vec d[NB][NV];
+  void load(const S* const (&dyt)[NB], int64_t r) {
+    for (int b = 0; b < NB; ++b) widen_row<S, NV>(dyt[b] + r * T, d[b]);
+  }
+  Vec dot(const S* const (&xt)[NB], uint64_t c) const {
+    Vec p[NB];
+    for (int b = 0; b < NB; ++b) {
+      Vec xv[NV];
+      widen_row<S, NV>(xt[b] + c * T, xv);
+      p[b] = d[b][0] * xv[0];
+      for (int v = 1; v < NV; ++v) p[b] += d[b][v] * xv[v];
+    }
+    for (int b = 1; b < NB; ++b) p[0] += p[b];
+    return p[0];
+  }
+};
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// fp32 on AVX-512: zmm loads and FMAs, NV / 2 per tile and nonzero (see csr_row_fma); the
+// two halves are added before csr_sddmm_tile's lane reduction (another fixed order).
+template <int NV, int NB>
+struct SddmmDyRows<float, NV, NB, std::enable_if_t<NV % 2 == 0>> {
+  static constexpr int T = TileConfig<float, NV>::kTile;
+  static constexpr int NZ = NV / 2;
+  __m512 d[NB][NZ];
+  void load(const float* const (&dyt)[NB], int64_t r) {
+    for (int b = 0; b < NB; ++b)
+      for (int v = 0; v < NZ; ++v) d[b][v] = _mm512_loadu_ps(dyt[b] + r * T + 16 * v);
+  }
+  Vec32<float> dot(const float* const (&xt)[NB], uint64_t c) const {
+    __m512 p = _mm512_mul_ps(d[0][0], _mm512_loadu_ps(xt[0] + c * T));
+    for (int v = 1; v < NZ; ++v) p = _mm512_fmadd_ps(d[0][v], _mm512_loadu_ps(xt[0] + c * T + 16 * v), p);
+    for (int b = 1; b < NB; ++b)
+      for (int v = 0; v < NZ; ++v) p = _mm512_fmadd_ps(d[b][v], _mm512_loadu_ps(xt[b] + c * T + 16 * v), p);
+    return (Vec32<float>)_mm256_add_ps(_mm512_castps512_ps256(p), _mm512_extractf32x8_ps(p, 1));
+  }
+};
+#endif
+
 // SDDMM over CSR rows [r0, r1) for NB batch tiles at once:
 // out[k] += sum_b <dyt[b][r][:], xt[b][idx[k]][:]> (ADD) or out[k] = ... (the
 // first tiles: the output needs no zero fill). Taking NB tiles per pass reads
@@ -348,21 +458,12 @@ void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const S* const (&dy
   static_assert(NB >= 1 && NB * NV <= 16, "csr_sddmm_tile: NB x NV dy vectors must fit in registers");
   Vec pbuf[8];
   for (int64_t r = r0; r < r1; ++r) {
-    Vec d[NB][NV];  // pair order, as the x rows: only sums over lanes follow
-    for (int b = 0; b < NB; ++b) widen_row<S, NV>(dyt[b] + r * T, d[b]);
+    SddmmDyRows<S, NV, NB> d;
+    d.load(dyt, r);
     int np = 0;
     const int64_t kend = offs[r + 1];
     for (int64_t k = offs[r]; k < kend; ++k) {
-      const uint64_t c = static_cast<uint32_t>(idx[k]);
-      Vec p[NB];
-      for (int b = 0; b < NB; ++b) {
-        Vec xv[NV];
-        widen_row<S, NV>(xt[b] + c * T, xv);
-        p[b] = d[b][0] * xv[0];
-        for (int v = 1; v < NV; ++v) p[b] += d[b][v] * xv[v];
-      }
-      for (int b = 1; b < NB; ++b) p[0] += p[b];
-      pbuf[np++] = p[0];
+      pbuf[np++] = d.dot(xt, static_cast<uint32_t>(idx[k]));
       if (np == 8) {
         hsum_many<A, Vec, W, ADD>(pbuf, 8, out + k - 7);
         np = 0;
@@ -438,13 +539,15 @@ void bsr_sddmm_tile(const int32_t* offs, const int32_t* idx, int64_t bs, const S
 // [n0, n1); with `accumulate` it adds to out (the caller chunks the batch so
 // the x and dy panels stay in cache: unchunked, batch 2048 read them from DRAM).
 // dy and x are S (widened as loaded), out compute lanes.
-template <typename S, int JV, int IR>
+// L is the lanes: BlockLanes<S, 1> (32-byte vectors) or BlockLanes<S, 2> (64-byte
+// vectors for fp32 on AVX-512).
+template <typename S, int JV, int IR, typename L>
 void bsr_sddmm_outer(const int32_t* offs, const int32_t* idx, int64_t bs, const S* dy,
                      int64_t ldy, const S* x, int64_t ldx, int64_t n0, int64_t n1,
                      bool accumulate, int64_t r0, int64_t r1, Acc<S>* out) {
   using A = Acc<S>;
-  constexpr int W = kLanes<A>;
-  using VecU = Vec32U<A>;
+  constexpr int W = L::kW;
+  using VecU = typename L::VecU;
   static_assert(JV >= 1 && JV <= 2, "bsr_sddmm_outer: JV must be 1 or 2");
   static_assert(IR * JV <= 16, "bsr_sddmm_outer: IR x JV accumulators must fit in 16 registers");
   for (int64_t br = r0; br < r1; ++br) {
@@ -462,7 +565,7 @@ void bsr_sddmm_outer(const int32_t* offs, const int32_t* idx, int64_t bs, const 
           const S* dp = dy + br * bs + i0;
           for (int64_t n = n0; n < n1; ++n) {
             VecU xv[JV];
-            for (int v = 0; v < JV; ++v) xv[v] = widen_loadu(xp + n * ldx + v * W);
+            for (int v = 0; v < JV; ++v) xv[v] = L::loadu(xp + n * ldx + v * W);
             for (int i = 0; i < IR; ++i) {
               const A w = to_acc(dp[n * ldy + i]);
               for (int v = 0; v < JV; ++v) acc[i][v] += w * xv[v];
