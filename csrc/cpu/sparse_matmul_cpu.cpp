@@ -251,12 +251,22 @@ at::Tensor values_in_transpose_order(const at::Tensor& values, const at::Tensor&
 }
 
 // CSR dX in scatter form, one batch tile per thread (see csr_spmm_t_scatter_tile); used
-// for fp32/fp64 when there are at least 2 tiles per thread, a tile's dx accumulators
-// fit in L1 (kScatterAccBudget) and the gather form would not use column panels.
-// Its read-modify-write of the accumulators measured 1.4-2.2x slower than the gather
-// form when they live in L2 on a Sapphire Rapids-class Xeon (about even on Zen 4),
-// 0.7-0.95x of its time when they fit in L1 (DEVELOPERS.md).
+// for fp32/fp64 when there are at least 2 tiles per thread, the gather form would not use
+// column panels, and a tile's dx accumulators fit in L1 (kScatterAccBudget) or the CPU is
+// an AMD one. Its read-modify-write of the accumulators measured 1.4-2.2x slower than the
+// gather form when they live in L2 on a Sapphire Rapids-class Xeon, but 1.02-1.25x faster
+// on Zen 4 (the gather form at 0.80-0.98x of its speed); 0.7-0.95x of the gather form's
+// time on the Xeon when they fit in L1 (DEVELOPERS.md).
 constexpr int64_t kScatterAccBudget = int64_t(48) << 10;
+
+inline bool l2_scatter_is_cheap() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
 template <typename scalar_t, int NV>
 void spmm_t_scatter_launch(const at::Tensor& dy, const TopologyView& tv, const at::Tensor& values,
                            const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& dx) {
@@ -484,8 +494,9 @@ at::Tensor spmm_t_cpu(const at::Tensor& dy_in, const at::Tensor& values,
     constexpr int T = TileConfig<scalar_t, 4>::kTile;
     const int64_t ntiles = (dy.size(0) + T - 1) / T;
     const bool scatter = !tv.bsr && !is_16bit_v<scalar_t> && ntiles >= 2 * at::get_num_threads() &&
-                         tv.cols * T * static_cast<int64_t>(sizeof(Acc<scalar_t>)) <= kScatterAccBudget &&
-                         !use_column_panels(tv.cols, tv.rows, tv.nnz);
+                         !use_column_panels(tv.cols, tv.rows, tv.nnz) &&
+                         (tv.cols * T * static_cast<int64_t>(sizeof(Acc<scalar_t>)) <= kScatterAccBudget ||
+                          l2_scatter_is_cheap());
     if (scatter) {
       // Scatter form reads W's own structure.
       check_offsets_host(row_offsets, tv.nnz, "row_offsets");
