@@ -267,6 +267,7 @@ inline bool l2_scatter_is_cheap() {
   return false;
 #endif
 }
+
 template <typename scalar_t, int NV>
 void spmm_t_scatter_launch(const at::Tensor& dy, const TopologyView& tv, const at::Tensor& values,
                            const at::Tensor& offs_t, const at::Tensor& idx_t, at::Tensor& dx) {
@@ -385,8 +386,9 @@ bool bsr_sddmm_outer_launch(const at::Tensor& dy_in, const at::Tensor& x_in, con
   // 32-byte lanes, two vectors of columns x eight rows (16 accumulators, 10 loads per 16
   // FMAs): dW 7.9x / 8.2x dense on Zen 3 (four x four: 7.3x / 5.7x); 64-byte lanes (b a
   // multiple of 16) one vector x 16 rows, or for b a multiple of 32 two x eight: dW
-  // 1.4-1.6x faster than 32-byte lanes on a Sapphire Rapids-class Xeon (DEVELOPERS.md). Two vectors of columns only when they tile the block
-  // exactly (b = 24, 40, 56 in fp32 step one vector: two would write past the block).
+  // 1.4-1.6x faster than 32-byte lanes on a Sapphire Rapids-class Xeon (DEVELOPERS.md).
+  // Two vectors of columns only when they tile the block exactly (b = 24, 40, 56 in
+  // fp32 step one vector: two would write past the block).
   const bool wide = Wide::kW > W && tv.bs % Wide::kW == 0;
   const int64_t jv = tv.bs % (2 * (wide ? Wide::kW : W)) == 0 ? 2 : 1;
   const scalar_t* dyp = dy.data_ptr<scalar_t>();

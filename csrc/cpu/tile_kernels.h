@@ -227,7 +227,6 @@ void csr_spmm_tile(const int32_t* offs, const int32_t* idx, const S* vals, const
   using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
-  constexpr int W = Cfg::kVecWidth;
   constexpr int RG = Cfg::kRowGroup;
   alignas(64) A buf[RG * T];
   for (int64_t rg = r0; rg < r1; rg += RG) {
@@ -453,7 +452,6 @@ void csr_sddmm_tile(const int32_t* offs, const int32_t* idx, const S* const (&dy
   using Cfg = TileConfig<S, NV>;
   using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
-  constexpr int T = Cfg::kTile;
   constexpr int W = Cfg::kVecWidth;
   static_assert(NB >= 1 && NB * NV <= 16, "csr_sddmm_tile: NB x NV dy vectors must fit in registers");
   Vec pbuf[8];
@@ -486,7 +484,6 @@ void csr_spmm_t_scatter_tile(const int32_t* offs, const int32_t* idx, const S* v
   using A = typename Cfg::A;
   using Vec = typename Cfg::Vec;
   constexpr int T = Cfg::kTile;
-  constexpr int W = Cfg::kVecWidth;
   for (int64_t r = 0; r < R; ++r) {
     Vec d[NV];
     widen_row<S, NV>(dyt + r * T, d);
